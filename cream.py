@@ -1,0 +1,685 @@
+"""CREAM: Consistency Regularized Self-Rewarding Language Models (Wang et al., ICLR 2025, arXiv 2410.12735).
+
+    python cream.py --model meta-llama/Meta-Llama-3-8B-Instruct   # the paper's setup, one 80 GB GPU
+    python cream.py --model mistralai/Mistral-7B-v0.3              # any HF causal LM
+    python cream.py --demo                                         # offline: tiny random model, 2 CPU cores
+
+Read it next to the paper's Algorithm 1 (section 3.3): SFT (line 2); then per iteration: sampling (line 5),
+DPO rewards under pi_t and pi_{t-1} with pi_0 as reference (Eq. 3.9, lines 6-9), Kendall tau per prompt
+(Eq. 3.10, line 10), the consistency rate (line 11), D_DPO and D_RDPO (Eq. 3.11-3.12, lines 12-13), and
+the consistency-regularized loss C * L_DPO + (1 - C) * L_RDPO (Eq. 3.7, line 14).
+"""
+
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import sys
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, HfArgumentParser
+
+from prompts import chat_prompt
+
+
+@dataclass
+class Args:
+    model: str = "meta-llama/Meta-Llama-3-8B-Instruct"
+    """M0: a Hub id or local path (paper: Llama-3 and Llama-2 at ~7B; the official code uses the Instruct model)"""
+    data_dir: str = None
+    """read sft.jsonl {"prompt","response"} and prompts.jsonl {"prompt"} from here instead of the Hub"""
+    output_dir: str = None
+    """default runs/cream-<model name>; rerunning the same command resumes from what is there"""
+    demo: bool = False
+    """offline smoke run: tiny random model, built-in data, small settings (explicit flags still win)"""
+    iterations: int = 2
+    """T preference iterations after SFT: M2 and M3 as in Table 1"""
+    num_prompts: int = 10500
+    """prompts per iteration: 21K prompts in D_U shared equally by the iterations (section 4.1)"""
+    num_samples: int = 5
+    """N responses per prompt (official code; the paper leaves N open); at least 2"""
+    temperature: float = 0.8
+    """sampling temperature (section 4.1)"""
+    top_p: float = 0.95
+    """nucleus sampling (official code)"""
+    max_new_tokens: int = 768
+    """longest sampled response (official code)"""
+    max_length: int = 2048
+    """longest prompt + response in tokens; longer prompts are skipped and counted (official code: 2048)"""
+    sft_epochs: int = 3
+    """SFT epochs for M0 -> M1 (section 4.1; official code: 5)"""
+    sft_lr: float = 1e-6
+    """SFT learning rate (section 4.1; official code: 5e-6)"""
+    epochs: int = 1
+    """preference-training epochs per iteration (section 4.1)"""
+    lr: float = 1e-6
+    """preference-training learning rate (section 4.1)"""
+    beta: float = 0.1
+    """DPO beta (section 4.1)"""
+    warmup_ratio: float = 0.1
+    """linear warmup share of the steps, then cosine decay (section 4.1; cosine from the official code)"""
+    batch_size: int = 4
+    """sequences (SFT) or pairs (DPO) per forward pass"""
+    grad_accum: int = 8
+    """micro-batches per optimizer step: 4 x 8 = 32, the official code's batch"""
+    max_grad_norm: float = 1.0
+    """gradient clipping (official code)"""
+    score_batch_size: int = 16
+    """sequences per forward pass when scoring log-probs (inference only)"""
+    consistency_scope: str = "dataset"
+    """'dataset': one C for every pair (Algorithm 1 line 11); 'pair': each pair its own (tau+1)/2 (official 'dyn')"""
+    seed: int = 42
+    """same seed, same run"""
+    dtype: str = "auto"
+    """'auto' = bfloat16 on a GPU (with stochastic-rounding AdamW), float32 on CPU; or 'bfloat16' / 'float32'"""
+
+
+# Settings --demo uses where the command line leaves the default: a 2-core CPU finishes in about a minute.
+DEMO = dict(iterations=2, num_prompts=12, num_samples=4, max_new_tokens=24, max_length=160, sft_epochs=3,
+            sft_lr=3e-3, lr=3e-4, batch_size=4, grad_accum=2, score_batch_size=16, dtype="float32")
+
+
+def fail(message):
+    """Stop with a one-line error and a non-zero exit, never a traceback."""
+    sys.exit(f"cream.py: error: {message}")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Files: JSONL in and out, written to a temporary name and renamed, so a crash never leaves half a file
+# --------------------------------------------------------------------------------------------------------
+def read_jsonl(path, required):
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                fail(f"{path}:{number}: not valid JSON ({e.msg})")
+            if not isinstance(row, dict) or any(not isinstance(row.get(k), str) for k in required):
+                fail(f"{path}:{number}: needs string fields {', '.join(required)}")
+            if not row[required[0]].strip():
+                fail(f"{path}:{number}: empty {required[0]}")
+            rows.append(row)
+    if not rows:
+        fail(f"{path} is empty")
+    return rows
+
+
+def write_jsonl(path, rows):
+    tmp = Path(f"{path}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def cached_jsonl(path, compute):
+    """Rows of `path` if an earlier run finished it, else compute them and write the file (resume)."""
+    if Path(path).exists():
+        with open(path, encoding="utf-8") as f:
+            return [json.loads(line) for line in f]
+    rows = compute()
+    write_jsonl(path, rows)
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------------
+# Data: D_S (seed SFT) and D_U (unlabeled prompts), section 4.1
+# --------------------------------------------------------------------------------------------------------
+def multiple_choice(question, labels, texts):
+    return question + "\n" + "\n".join(f"{label}. {text}" for label, text in zip(labels, texts))
+
+
+def load_hub_data():
+    """D_S: English OASST1 root prompts with their rank-0 reply (~3.4K); D_U: D_S prompts + five train splits."""
+    from datasets import load_dataset
+
+    def load(repo, **kwargs):
+        try:
+            return load_dataset(repo, split="train", **kwargs)
+        except Exception as e:
+            fail(f"cannot load dataset {repo} ({type(e).__name__}); offline, pass --data_dir DIR with "
+                 f"sft.jsonl and prompts.jsonl (see README)")
+
+    oasst = load("OpenAssistant/oasst1")
+    roots = {m["message_id"]: m["text"] for m in oasst
+             if m["parent_id"] is None and m["role"] == "prompter" and m["lang"] == "en" and not m["deleted"]}
+    sft = [{"prompt": roots[m["parent_id"]], "response": m["text"]} for m in oasst
+           if m["role"] == "assistant" and m["rank"] == 0 and m["parent_id"] in roots and not m["deleted"]]
+    pool = [row["prompt"] for row in sft]
+    for config in ("ARC-Easy", "ARC-Challenge"):
+        pool += [multiple_choice(r["question"], r["choices"]["label"], r["choices"]["text"])
+                 for r in load("allenai/ai2_arc", name=config)]
+    pool += [multiple_choice(r["question_stem"], r["choices"]["label"], r["choices"]["text"])
+             for r in load("allenai/openbookqa", name="main")]
+    pool += [multiple_choice(f"{r['context']} {r['question']}", "ABC", [r["answerA"], r["answerB"], r["answerC"]])
+             for r in load("allenai/social_i_qa", revision="refs/convert/parquet")]
+    pool += [r["question"] for r in load("openai/gsm8k", name="main")]
+    return sft, [{"prompt": p} for p in pool]
+
+
+def load_data(args):
+    if args.data_dir is None:
+        return load_hub_data()
+    data_dir = Path(args.data_dir)
+    if not data_dir.is_dir():
+        fail(f"--data_dir {data_dir} is not a folder")
+    for name in ("sft.jsonl", "prompts.jsonl"):
+        if not (data_dir / name).is_file():
+            fail(f"{data_dir / name} is missing")
+    return read_jsonl(data_dir / "sft.jsonl", ["prompt", "response"]), read_jsonl(data_dir / "prompts.jsonl", ["prompt"])
+
+
+# --------------------------------------------------------------------------------------------------------
+# Models: one resident at a time (memory plan: reference log-probs are precomputed, never a second model)
+# --------------------------------------------------------------------------------------------------------
+def torch_dtype(args):
+    if args.dtype == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
+
+
+def load_tokenizer(path):
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception as e:
+        fail(f"cannot load the tokenizer of {path!r} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+    if tokenizer.eos_token_id is None:
+        fail(f"the tokenizer of {path!r} has no EOS token")
+    if tokenizer.pad_token_id is None:  # base Llama and Mistral have none; padding is masked out everywhere
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(path, args):
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(args))
+    except Exception as e:
+        fail(f"cannot load model {path!r} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+    return model.to("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def save_model(model, tokenizer, path, summary):
+    """save_pretrained into a temporary folder, then rename: a folder M<k> is always complete."""
+    tmp = Path(f"{path}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "training_summary.json").write_text(json.dumps(summary, indent=1))
+    os.replace(tmp, path)
+
+
+def encode(tokenizer, prompt, response=None, finished=True):
+    """Token ids of the chat-formatted prompt, and of the response followed by EOS when it ended there."""
+    prompt_ids = tokenizer(chat_prompt(tokenizer, prompt), add_special_tokens=False).input_ids
+    if response is None:
+        return prompt_ids
+    response_ids = tokenizer(response, add_special_tokens=False).input_ids
+    return prompt_ids, response_ids + ([tokenizer.eos_token_id] if finished else [])
+
+
+def collate(sequences, pad_id):
+    """[(prompt_ids, response_ids)] -> right-padded input_ids, attention_mask, labels (-100 off the response)."""
+    width = max(len(p) + len(r) for p, r in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id)
+    attention_mask = torch.zeros(len(sequences), width, dtype=torch.long)
+    labels = torch.full((len(sequences), width), -100)
+    for row, (p, r) in enumerate(sequences):
+        input_ids[row, : len(p) + len(r)] = torch.tensor(p + r)
+        attention_mask[row, : len(p) + len(r)] = 1
+        labels[row, len(p): len(p) + len(r)] = torch.tensor(r)
+    return input_ids, attention_mask, labels
+
+
+def sequence_logps(model, input_ids, attention_mask, response_mask):
+    """Summed log pi(y|x) over response tokens: [B, L] x3 -> [B] float32.
+
+    Logits come only from positions that predict a response token (logits_to_keep takes a boolean mask), so no
+    [B, L, V] tensor exists for prompt positions; log-probs are gather minus logsumexp in float32.
+    """
+    predicts_response = F.pad(response_mask[:, 1:].bool(), (0, 1), value=False)  # position p predicts token p+1
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # same positions for left or right padding
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                   logits_to_keep=predicts_response, use_cache=False).logits.float()  # [num_response_tokens, V]
+    targets = input_ids[:, 1:][response_mask[:, 1:].bool()]
+    token_logps = logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)
+    rows = predicts_response.nonzero()[:, 0]
+    return torch.zeros(input_ids.shape[0], device=logits.device).index_add(0, rows, token_logps)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Optimizer: AdamW in float32, written back to bfloat16 with stochastic rounding (memory.md, anchors #4)
+# --------------------------------------------------------------------------------------------------------
+def stochastic_round_to_bf16(x):
+    """float32 [...] -> bfloat16 [...], rounded up with probability equal to the distance, so E[result] = x."""
+    bits = x.view(torch.int32) + torch.randint_like(x, 0, 1 << 16, dtype=torch.int32)
+    return (bits & -65536).view(torch.float32).to(torch.bfloat16)  # clearing the low 16 bits is exact in bf16
+
+
+@torch.no_grad()
+def adamw_step(params, state, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+    """One AdamW step (Loshchilov & Hutter) per tensor in float32; m and v are stored in the parameter's dtype."""
+    state["step"] = step = state.get("step", 0) + 1
+    for p in params:
+        if p.grad is None:
+            continue
+        store = (lambda dst, src: dst.copy_(stochastic_round_to_bf16(src))) if p.dtype == torch.bfloat16 \
+            else (lambda dst, src: dst.copy_(src))
+        m, v = state.setdefault(p, (torch.zeros_like(p), torch.zeros_like(p)))
+        grad = p.grad.float()
+        m32 = m.float().lerp_(grad, 1 - betas[0])
+        v32 = v.float().mul_(betas[1]).addcmul_(grad, grad, value=1 - betas[1])
+        weight = p.float().mul_(1 - lr * weight_decay)
+        denom = (v32 / (1 - betas[1] ** step)).sqrt_().add_(eps)
+        weight.addcdiv_(m32, denom, value=-lr / (1 - betas[0] ** step))
+        store(p, weight), store(m, m32), store(v, v32)
+
+
+def learning_rate(step, total_steps, peak, warmup_ratio):
+    """1) linear warmup over warmup_ratio of the steps, 2) cosine decay to zero."""
+    warmup = max(1, int(warmup_ratio * total_steps))
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total_steps - warmup)))
+
+
+def train(model, batches, loss_fn, lr, args, desc):
+    """Gradient accumulation over `batches` (lists of micro-batches), clipping, AdamW; returns mean metrics."""
+    model.train()
+    model.config.use_cache = False
+    model.activation_checkpointing_enable()
+    params = [p for p in model.parameters() if p.requires_grad]
+    state, totals, count = {}, {}, 0
+    total_steps = math.ceil(len(batches) / args.grad_accum)
+    bar = tqdm(range(len(batches)), desc=desc)
+    for i in bar:
+        metrics = loss_fn(model, batches[i])
+        if not torch.isfinite(metrics["loss"]):
+            fail(f"{desc}: the loss became {metrics['loss'].item()} at micro-batch {i}; saved models are intact")
+        (metrics["loss"] / args.grad_accum).backward()
+        if (i + 1) % args.grad_accum == 0 or i + 1 == len(batches):
+            torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+            adamw_step(params, state, learning_rate(i // args.grad_accum, total_steps, lr, args.warmup_ratio))
+            model.zero_grad(set_to_none=True)
+        for k, v in metrics.items():
+            totals[k] = totals.get(k, 0.0) + v.item()
+        count += 1
+        bar.set_postfix(loss=f"{totals['loss'] / count:.4f}")
+    model.eval()
+    return {k: v / count for k, v in totals.items()}
+
+
+def micro_batches(items, batch_size, seed):
+    """Shuffle with a fixed seed and cut into micro-batches."""
+    items = list(items)
+    random.Random(seed).shuffle(items)
+    return [items[i: i + batch_size] for i in range(0, len(items), batch_size)]
+
+
+# --------------------------------------------------------------------------------------------------------
+# Algorithm 1 line 2: SFT of M0 on D_S gives M1
+# --------------------------------------------------------------------------------------------------------
+def sft_loss(model, batch):
+    """Mean negative log-likelihood of the response tokens; prompt and padding are labelled -100."""
+    device = model.device
+    input_ids, attention_mask, labels = (t.to(device) for t in batch)
+    response_mask = labels != -100
+    loss = -sequence_logps(model, input_ids, attention_mask, response_mask).sum() / response_mask.sum()
+    return {"loss": loss}
+
+
+def run_sft(args, tokenizer, sft_rows, out):
+    examples = []
+    for row in sft_rows:
+        prompt_ids, response_ids = encode(tokenizer, row["prompt"], row["response"])
+        if len(prompt_ids) < args.max_length - 1:  # keep the prompt whole, cut the response to fit
+            examples.append((prompt_ids, response_ids[: args.max_length - len(prompt_ids)]))
+    if not examples:
+        fail(f"every SFT prompt is longer than --max_length {args.max_length}")
+    batches = [collate(b, tokenizer.pad_token_id) for epoch in range(args.sft_epochs)
+               for b in micro_batches(examples, args.batch_size, args.seed + epoch)]
+    model = load_model(args.model, args)
+    summary = train(model, batches, sft_loss, args.sft_lr, args, "SFT M0 -> M1")
+    summary.update(examples=len(examples), skipped_too_long=len(sft_rows) - len(examples))
+    save_model(model, tokenizer, out / "M1", summary)
+    del model
+
+
+# --------------------------------------------------------------------------------------------------------
+# Algorithm 1 line 5: sample N responses per prompt from M_t
+# --------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def sample_responses(model, tokenizer, prompts, args):
+    """N samples per prompt with continuous batching (`generate_batch`: a paged KV cache, no padding)."""
+    if model.device.type == "cpu":  # it logs that psutil is missing on every CPU call
+        logging.getLogger("ContinuousBatchingLogger").setLevel(logging.CRITICAL)
+    eos_ids = set(tokenizer.convert_tokens_to_ids(tokenizer.all_special_tokens)) & (
+        {tokenizer.eos_token_id} | set(model.generation_config.eos_token_id or []
+                                       if isinstance(model.generation_config.eos_token_id, list)
+                                       else [model.generation_config.eos_token_id]))
+    config = GenerationConfig(do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=0,
+                              max_new_tokens=args.max_new_tokens, num_return_sequences=args.num_samples,
+                              eos_token_id=sorted(eos_ids), pad_token_id=tokenizer.pad_token_id)
+    outputs = model.generate_batch(inputs=[encode(tokenizer, p) for p in prompts], generation_config=config,
+                                   progress_bar=True)
+    if len(outputs) != len(prompts) * args.num_samples:
+        fail(f"generation returned {len(outputs)} of {len(prompts) * args.num_samples} responses")
+    # children come before their parent request: regroup by the prompt index in the request id
+    grouped = [[] for _ in prompts]
+    for request_id, output in outputs.items():
+        tokens = list(output.generated_tokens)
+        finished = bool(tokens) and tokens[-1] in eos_ids
+        grouped[int(request_id.split("__")[0].removeprefix("req_"))].append(
+            {"response": tokenizer.decode(tokens[:-1] if finished else tokens, skip_special_tokens=True),
+             "finished": finished, "tokens": len(tokens)})
+    return grouped
+
+
+def run_sampling(args, tokenizer, pool, t, out):
+    model = load_model(out / f"M{t}", args)
+    torch.manual_seed(args.seed + 1000 * t)
+    grouped = sample_responses(model, tokenizer, [row["prompt"] for row in pool], args)
+    del model
+    return [{"id": row["id"], "prompt": row["prompt"], "samples": samples} for row, samples in zip(pool, grouped)]
+
+
+# --------------------------------------------------------------------------------------------------------
+# Algorithm 1 lines 6-9: log pi(y|x) of every sample under pi_t, pi_{t-1} and pi_0, one model at a time
+# --------------------------------------------------------------------------------------------------------
+def sample_sequences(tokenizer, samples_rows, max_length):
+    """Every (prompt_ids, response_ids) of an iteration, in order, the response cut to fit max_length."""
+    sequences = []
+    for row in samples_rows:
+        for s in row["samples"]:
+            prompt_ids, response_ids = encode(tokenizer, row["prompt"], s["response"], s["finished"])
+            sequences.append((prompt_ids, response_ids[: max_length - len(prompt_ids)]))
+    return sequences
+
+
+@torch.no_grad()
+def score_logps(model_path, sequences, tokenizer, args, desc):
+    """[(prompt_ids, response_ids)] -> list of summed response log-probs under the model at model_path."""
+    model = load_model(model_path, args).eval()
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i][0]) + len(sequences[i][1]))
+    logps = [0.0] * len(sequences)
+    for start in tqdm(range(0, len(order), args.score_batch_size), desc=desc):
+        chunk = order[start: start + args.score_batch_size]  # similar lengths together: little padding
+        input_ids, attention_mask, labels = collate([sequences[i] for i in chunk], tokenizer.pad_token_id)
+        values = sequence_logps(model, input_ids.to(model.device), attention_mask.to(model.device),
+                                (labels != -100).to(model.device))
+        for i, value in zip(chunk, values.tolist()):
+            logps[i] = value
+    del model
+    return logps
+
+
+# --------------------------------------------------------------------------------------------------------
+# Eq. 3.10 and line 11: ranking consistency between pi_t and pi_{t-1}; TopOrder and Spearman (Table 2)
+# --------------------------------------------------------------------------------------------------------
+def kendall_tau(x, y):
+    """Kendall tau-a of two score vectors [N], [N] -> float (Eq. 3.10); a pair tied in either counts zero."""
+    x, y = torch.as_tensor(x, dtype=torch.float64), torch.as_tensor(y, dtype=torch.float64)
+    n = x.numel()
+    concordance = torch.sign(x[:, None] - x[None, :]) * torch.sign(y[:, None] - y[None, :])  # [N, N]
+    return (concordance.triu(1).sum() / (n * (n - 1) / 2)).item()
+
+
+def average_ranks(x):
+    """[N] -> [N] ranks from 1, ties sharing their mean rank."""
+    less = (x[None, :] < x[:, None]).sum(1)
+    equal = (x[None, :] == x[:, None]).sum(1)
+    return less + (equal + 1) / 2
+
+
+def spearman_rho(x, y):
+    """Spearman correlation of two score vectors [N], [N] -> float (Pearson on average ranks; 0 if one is constant)."""
+    rx = average_ranks(torch.as_tensor(x, dtype=torch.float64))
+    ry = average_ranks(torch.as_tensor(y, dtype=torch.float64))
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    norm = (rx.square().sum() * ry.square().sum()).sqrt()
+    return (rx * ry).sum().div(norm).item() if norm > 0 else 0.0
+
+
+def top_order(x, y):
+    """TopOrder (section 4.3.1) of [N], [N] -> 1.0 iff both pick the same best AND the same worst response."""
+    x, y = torch.as_tensor(x), torch.as_tensor(y)
+    return float(x.argmax() == y.argmax() and x.argmin() == y.argmin())
+
+
+def consistency_rate(taus):
+    """Algorithm 1 line 11: C = mean over prompts of (tau_j + 1) / 2."""
+    return sum((tau + 1) / 2 for tau in taus) / len(taus)
+
+
+def rewards_and_consistency(samples_rows, logps_t, logps_prev, logps_0, t):
+    """Lines 6-10 per prompt: r = log pi_t - log pi_0; r' = log pi_{t-1} - log pi_0, or log pi_0 itself at t = 1."""
+    rows, n = [], len(samples_rows[0]["samples"])
+    for j, row in enumerate(samples_rows):
+        span = slice(j * n, (j + 1) * n)
+        r = [a - b for a, b in zip(logps_t[span], logps_0[span])]
+        r_prev = logps_0[span] if t == 1 else [a - b for a, b in zip(logps_prev[span], logps_0[span])]
+        rows.append({"id": row["id"], "r": r, "r_prev": r_prev, "logps_t": logps_t[span],
+                     "tau": kendall_tau(r, r_prev), "spearman": spearman_rho(r, r_prev), "top_order": top_order(r, r_prev)})
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------------
+# Eq. 3.11-3.12, lines 12-13: best = argmax r, worst = argmin r (the text's "argmin" for the best is a typo)
+# --------------------------------------------------------------------------------------------------------
+def build_pairs(samples_rows, reward_rows, consistency, scope):
+    """One (chosen, rejected) pair per prompt, matched by prompt id; prompts whose rewards all tie are skipped."""
+    rewards_by_id = {row["id"]: row for row in reward_rows}
+    pairs = []
+    for row in samples_rows:
+        rewards = rewards_by_id[row["id"]]
+        r = torch.tensor(rewards["r"])
+        best, worst = int(r.argmax()), int(r.argmin())
+        if r[best] == r[worst]:
+            continue
+        pairs.append({"id": row["id"], "prompt": row["prompt"],
+                      "chosen": row["samples"][best]["response"], "chosen_finished": row["samples"][best]["finished"],
+                      "rejected": row["samples"][worst]["response"],
+                      "rejected_finished": row["samples"][worst]["finished"],
+                      "ref_chosen_logp": rewards["logps_t"][best], "ref_rejected_logp": rewards["logps_t"][worst],
+                      "consistency": consistency if scope == "dataset" else (rewards["tau"] + 1) / 2})
+    return pairs
+
+
+# --------------------------------------------------------------------------------------------------------
+# Eq. 3.7, line 14: C * L_DPO(D_DPO) + (1 - C) * L_DPO(D_RDPO), reference pi_t
+# --------------------------------------------------------------------------------------------------------
+def soft_dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta, consistency):
+    """Per-pair consistency-regularized DPO loss, [B] x4 -> [B] (Eq. 3.7); consistency is a float or [B].
+
+    The reversed pair's DPO term is -log sigmoid(-h): by Theorem 3.3 this is L_DPO + lambda * L_Reg up to a factor.
+    """
+    h = beta * ((policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps))
+    return -consistency * F.logsigmoid(h) - (1 - consistency) * F.logsigmoid(-h)
+
+
+def dpo_batch_loss(args, tokenizer):
+    def loss_fn(model, batch):
+        """Chosen and rejected of a micro-batch stacked into one forward pass (2B sequences)."""
+        sequences = [p["chosen_ids"] for p in batch] + [p["rejected_ids"] for p in batch]
+        input_ids, attention_mask, labels = (t.to(model.device) for t in collate(sequences, tokenizer.pad_token_id))
+        logps = sequence_logps(model, input_ids, attention_mask, labels != -100)
+        chosen, rejected = logps.split(len(batch))
+        ref_chosen = torch.tensor([p["ref_chosen_logp"] for p in batch], device=model.device)
+        ref_rejected = torch.tensor([p["ref_rejected_logp"] for p in batch], device=model.device)
+        consistency = torch.tensor([p["consistency"] for p in batch], device=model.device)
+        losses = soft_dpo_loss(chosen, rejected, ref_chosen, ref_rejected, args.beta, consistency)
+        margin = args.beta * ((chosen - ref_chosen) - (rejected - ref_rejected)).detach()
+        return {"loss": losses.mean(), "reward_accuracy": (margin > 0).float().mean(), "reward_margin": margin.mean()}
+    return loss_fn
+
+
+def run_preference_training(args, tokenizer, pairs, t, out):
+    examples = []
+    for pair in pairs:
+        prompt_ids, chosen_ids = encode(tokenizer, pair["prompt"], pair["chosen"], pair["chosen_finished"])
+        _, rejected_ids = encode(tokenizer, pair["prompt"], pair["rejected"], pair["rejected_finished"])
+        room = args.max_length - len(prompt_ids)  # the same cut as when the reference log-probs were scored
+        examples.append(dict(pair, chosen_ids=(prompt_ids, chosen_ids[:room]), rejected_ids=(prompt_ids, rejected_ids[:room])))
+    batches = [b for epoch in range(args.epochs) for b in micro_batches(examples, args.batch_size, args.seed + t + epoch)]
+    model = load_model(out / f"M{t}", args)
+    torch.manual_seed(args.seed + 1000 * t + 1)
+    summary = train(model, batches, dpo_batch_loss(args, tokenizer), args.lr, args, f"CREAM M{t} -> M{t + 1}")
+    save_model(model, tokenizer, out / f"M{t + 1}", summary)
+    del model
+
+
+# --------------------------------------------------------------------------------------------------------
+# Demo: a tiny random Llama and a byte-level BPE tokenizer built here, so the whole loop runs offline
+# --------------------------------------------------------------------------------------------------------
+DEMO_DATA = [
+    ("Name a primary color.", "Red is a primary color."),
+    ("What is 2 + 3?", "2 + 3 = 5."),
+    ("Give a synonym for happy.", "Glad is a synonym for happy."),
+    ("What do bees make?", "Bees make honey."),
+    ("Translate 'hola' to English.", "'Hola' means hello."),
+    ("What is the capital of France?", "The capital of France is Paris."),
+    ("How many legs does a spider have?", "A spider has eight legs."),
+    ("What is the opposite of cold?", "The opposite of cold is hot."),
+    ("Which planet is called the red planet?", "Mars is called the red planet."),
+    ("What gas do plants take in?", "Plants take in carbon dioxide."),
+    ("What is 10 minus 4?", "10 minus 4 is 6."),
+    ("Name a mammal that can fly.", "The bat is a mammal that can fly."),
+    ("What freezes at zero degrees Celsius?", "Water freezes at zero degrees Celsius."),
+    ("How many days are in a week?", "A week has seven days."),
+    ("What color is the sky on a clear day?", "The sky is blue on a clear day."),
+    ("Who wrote Hamlet?", "William Shakespeare wrote Hamlet."),
+]
+
+
+def build_demo(out):
+    """Write a tiny Llama (random weights) with its tokenizer and the demo data; return (model_dir, data_dir)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    model_dir, data_dir = out / "demo-M0", out / "demo-data"
+    if not model_dir.exists():
+        bpe = Tokenizer(models.BPE())
+        bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+        bpe.train_from_iterator([p + " " + r for p, r in DEMO_DATA] * 4, trainers.BpeTrainer(
+            vocab_size=400, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+        tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>")
+        config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+        torch.manual_seed(0)
+        save_model(LlamaForCausalLM(config), tokenizer, model_dir, {"demo": True})
+    data_dir.mkdir(parents=True, exist_ok=True)
+    write_jsonl(data_dir / "sft.jsonl", [{"prompt": p, "response": r} for p, r in DEMO_DATA])
+    write_jsonl(data_dir / "prompts.jsonl", [{"prompt": p} for p, _ in DEMO_DATA for _ in range(2)])
+    return str(model_dir), str(data_dir)
+
+
+# --------------------------------------------------------------------------------------------------------
+# The loop: M0 -SFT-> M1 -CREAM-> M2 -CREAM-> M3 ...
+# --------------------------------------------------------------------------------------------------------
+def parse_args(argv=None):
+    args = HfArgumentParser(Args).parse_args_into_dataclasses(args=argv)[0]
+    if args.demo:
+        defaults = {f.name: f.default for f in fields(Args)}
+        for name, value in DEMO.items():
+            if getattr(args, name) == defaults[name]:
+                setattr(args, name, value)
+    if args.num_samples < 2:
+        fail(f"--num_samples must be at least 2 to form a pair, got {args.num_samples}")
+    for name in ("iterations", "num_prompts", "max_new_tokens", "batch_size", "grad_accum", "score_batch_size"):
+        if getattr(args, name) < 1:
+            fail(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.max_length <= args.max_new_tokens:
+        fail(f"--max_length {args.max_length} leaves no room for a prompt with --max_new_tokens {args.max_new_tokens}")
+    if args.consistency_scope not in ("dataset", "pair"):
+        fail(f"--consistency_scope must be 'dataset' or 'pair', got {args.consistency_scope!r}")
+    if args.dtype not in ("auto", "bfloat16", "float32"):
+        fail(f"--dtype must be auto, bfloat16 or float32, got {args.dtype!r}")
+    if args.sft_epochs < 0 or args.epochs < 1:
+        fail("--sft_epochs must be >= 0 and --epochs >= 1")
+    if args.output_dir is None:
+        args.output_dir = "runs/cream-demo" if args.demo else f"runs/cream-{Path(args.model).name}"
+    return args
+
+
+def print_table(rows):
+    columns = ["iteration", "consistency", "kendall", "spearman", "top_order", "pairs", "skipped", "loss",
+               "reward_accuracy", "reward_margin", "response_length"]
+    print("\n" + " | ".join(columns))
+    for row in rows:
+        print(" | ".join(f"{row[c]:.4f}" if isinstance(row[c], float) else str(row[c]) for c in columns))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.demo:
+        args.model, args.data_dir = build_demo(out)
+    sft_rows, prompt_rows = load_data(args)  # validated before any model is loaded
+    random.Random(args.seed).shuffle(prompt_rows)
+    per_iteration = min(args.num_prompts, len(prompt_rows) // args.iterations)
+    if per_iteration == 0:
+        fail(f"{len(prompt_rows)} prompts cannot be shared by {args.iterations} iterations")
+    tokenizer = load_tokenizer(args.model)
+    (out / "args.json").write_text(json.dumps(asdict(args), indent=1))
+
+    if not (out / "M1").exists():  # Algorithm 1 line 2
+        if args.sft_epochs == 0:  # no SFT: M1 is M0 as given
+            save_model(load_model(args.model, args), tokenizer, out / "M1", {"sft": "skipped"})
+        else:
+            run_sft(args, tokenizer, sft_rows, out)
+
+    metrics = []
+    for t in range(1, args.iterations + 1):  # Algorithm 1 line 4
+        it = out / f"iter{t}"
+        it.mkdir(exist_ok=True)
+        pool, too_long = [], 0
+        for j, row in enumerate(prompt_rows[(t - 1) * per_iteration: t * per_iteration]):
+            if len(encode(tokenizer, row["prompt"])) > args.max_length - args.max_new_tokens:
+                too_long += 1
+            else:
+                pool.append({"id": f"{t}-{j}", "prompt": row["prompt"]})
+        if not pool:
+            fail(f"every prompt of iteration {t} is longer than --max_length - --max_new_tokens")
+
+        samples = cached_jsonl(it / "samples.jsonl", lambda: run_sampling(args, tokenizer, pool, t, out))  # line 5
+        sequences = sample_sequences(tokenizer, samples, args.max_length)
+        models = {"t": out / f"M{t}", "0": args.model} | ({"prev": out / f"M{t - 1}"} if t > 1 else {})
+        logps = {}
+        for name, path in models.items():  # one model resident at a time
+            rows = cached_jsonl(it / f"logps_{name}.jsonl", lambda: [
+                {"logp": v} for v in score_logps(path, sequences, tokenizer, args, f"log-probs under {path}")])
+            logps[name] = [row["logp"] for row in rows]
+        reward_rows = cached_jsonl(it / "rewards.jsonl", lambda: rewards_and_consistency(  # lines 6-10
+            samples, logps["t"], logps.get("prev"), logps["0"], t))
+        consistency = consistency_rate([row["tau"] for row in reward_rows])  # line 11
+        pairs = cached_jsonl(it / "pairs.jsonl", lambda: build_pairs(  # lines 12-13
+            samples, reward_rows, consistency, args.consistency_scope))
+        if not pairs:
+            fail(f"iteration {t}: every prompt's rewards tie, no pair to train on")
+        if not (out / f"M{t + 1}").exists():  # line 14
+            run_preference_training(args, tokenizer, pairs, t, out)
+        summary = json.loads((out / f"M{t + 1}" / "training_summary.json").read_text())
+        mean = lambda key: sum(row[key] for row in reward_rows) / len(reward_rows)
+        metrics.append({"iteration": t, "consistency": consistency, "kendall": mean("tau"),
+                        "spearman": mean("spearman"), "top_order": mean("top_order"), "pairs": len(pairs),
+                        "skipped": len(samples) - len(pairs), "too_long": too_long, "loss": summary["loss"],
+                        "reward_accuracy": summary["reward_accuracy"], "reward_margin": summary["reward_margin"],
+                        "response_length": sum(s["tokens"] for row in samples for s in row["samples"])
+                        / sum(len(row["samples"]) for row in samples)})
+        write_jsonl(out / "metrics.jsonl", metrics)
+    print_table(metrics)
+    print(f"\nmodels, samples, rewards, pairs and metrics.jsonl are in {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,184 @@
+"""Judge prompts shared by cream.py and scir.py, and how they are put into a chat turn.
+
+The pairwise templates are SCIR Table 5, the pointwise one is SCIR Table 6 (arXiv 2502.08922,
+Appendix B), copied word for word; only the page layout (line breaks) is reconstructed.
+"""
+
+import re
+
+# SCIR Table 5. Placeholders: {instruction}, {response_1}, {response_2}. The braces of the
+# JSON-like blocks are literal text, so never use str.format on these; use _fill below.
+PAIRWISE_JUDGE_TEMPLATES = (
+    # Judge Prompt 1 (from AlpacaEval).
+    "You are a highly efficient assistant, who evaluates and selects the best large language "
+    "model (LLMs) based on the quality of their responses to a given instruction. This process "
+    "will be used to create a leaderboard reflecting the most accurate and human-preferred "
+    "answers. I require a leaderboard for various large language models. I'll provide you with "
+    "prompts given to these models and their corresponding outputs. Your task is to assess these "
+    "responses, and select the model that produces the best output from a human perspective. "
+    "Here is the prompt:\n"
+    "\n"
+    "{\n"
+    '    "instruction": "{instruction}",\n'
+    "}\n"
+    "\n"
+    "Here are the outputs of the models:\n"
+    "\n"
+    "{\n"
+    '    "model": "m",\n'
+    '    "answer": "{response_1}"\n'
+    "}\n"
+    "\n"
+    "{\n"
+    '    "model": "M",\n'
+    '    "answer": "{response_2}"\n'
+    "}\n"
+    "\n"
+    "Evaluate the models based on the quality and relevance of their outputs, and select the "
+    "model that generated the best output. Answer by providing the model identifier of the best "
+    "model. We will use your output as the name of the best model, so make sure your output only "
+    "contains one of the following model identifiers: [[m]] or [[M]].",
+    # Judge Prompt 2 (from Chatbot Arena).
+    "Please act as an impartial judge and evaluate the quality of the responses provided by two "
+    "AI assistants to the user question displayed below. You should choose the assistant that "
+    "follows the user's instructions and answers the user's question better. Your evaluation "
+    "should consider factors such as the helpfulness, relevance, accuracy, depth, creativity, and "
+    "level of detail of their responses. Avoid any position biases and ensure that the order in "
+    "which the responses were presented does not influence your decision. Do not allow the length "
+    "of the responses to influence your evaluation. Do not favor certain names of the assistants. "
+    "Be as objective as possible.\n"
+    "\n"
+    "### Instruction:\n"
+    "{instruction}\n"
+    "\n"
+    "### Response m:\n"
+    "{response_1}\n"
+    "\n"
+    "### Response M:\n"
+    "{response_2}\n"
+    "\n"
+    'Output your final verdict by strictly following this format: "[[m]]" if Response m is better '
+    'than Response M, "[[M]]" if Response M is better than Response m.',
+)
+
+# SCIR Table 6: the Self-Rewarding (Yuan et al.) pointwise prompt, with the paper's typographic
+# apostrophes and quotes. Placeholders: {instruction}, {response}.
+POINTWISE_JUDGE_TEMPLATE = (
+    "Review the user\u2019s question and the corresponding response using the additive 5-point "
+    "scoring system described below. Points are accumulated based on the satisfaction of each "
+    "criterion:\n"
+    "\n"
+    "- Add 1 point if the response is relevant and provides some information related to the "
+    "user\u2019s inquiry, even if it is incomplete or contains some irrelevant content.\n"
+    "- Add another point if the response addresses a substantial portion of the user\u2019s "
+    "question, but does not completely resolve the query or provide a direct answer.\n"
+    "- Award a third point if the response answers the basic elements of the user\u2019s question "
+    "in a useful way, regardless of whether it seems to have been written by an AI Assistant or if "
+    "it has elements typically found in blogs or search results.\n"
+    "- Grant a fourth point if the response is clearly written from an AI Assistant\u2019s "
+    "perspective, addressing the user\u2019s question directly and comprehensively, and is "
+    "well-organized and helpful, even if there is slight room for improvement in clarity, "
+    "conciseness or focus.\n"
+    "- Bestow a fifth point for a response that is impeccably tailored to the user\u2019s question "
+    "by an AI Assistant, without extraneous information, reflecting expert knowledge, and "
+    "demonstrating a high-quality, engaging, and insightful answer.\n"
+    "\n"
+    "User: {instruction}\n"
+    "<response>{response}</response>\n"
+    "\n"
+    "After examining the user\u2019s instruction and the response:\n"
+    "\n"
+    "- Briefly justify your total score, up to 100 words.\n"
+    "- Conclude with the score using the format: \u201cScore: <total points>\u201d\n"
+    "\n"
+    "Remember to assess from the AI Assistant perspective. To evaluate the response in alignment "
+    "with this additive scoring model, we\u2019ll systematically attribute points based on the "
+    "outlined criteria."
+)
+
+# The two model identifiers of the pairwise templates: "m" is the first slot, "M" the second.
+JUDGE_IDS = ("m", "M")
+
+# The judge's answer is generated right after this text in the assistant turn, so the next
+# token is the identifier. A judge SFT example has the target "[[m]]" or "[[M]]".
+ANSWER_PREFIX = "[["
+
+# User turn for tokenizers without a chat template (base models such as Mistral-7B-v0.3);
+# chat_prompt puts tokenizer.bos_token in front when there is one.
+FALLBACK_CHAT_FORMAT = "### Instruction:\n{user_text}\n\n### Response:\n"
+
+# Short fixed question used to find the identifier tokens at the answer position.
+_PROBE_QUESTION = "Which is better?"
+
+
+def _fill(template, **values):
+    """Replace {name} placeholders in one pass, so braces inside the values stay literal."""
+    pattern = "|".join(re.escape("{" + name + "}") for name in values)
+    return re.sub(pattern, lambda match: values[match.group(0)[1:-1]], template)
+
+
+def judge_prompts(instruction, response_1, response_2):
+    """The four judge prompts of SCIR section 3.3 (2 templates x 2 response orders).
+
+    Returns [(prompt, id_of_response_1), ...]: template 1 with response_1 first ("m"),
+    template 1 swapped ("M"), template 2 first ("m"), template 2 swapped ("M").
+    """
+    prompts = []
+    for template in PAIRWISE_JUDGE_TEMPLATES:
+        for first, second, id_of_response_1 in (
+            (response_1, response_2, JUDGE_IDS[0]),
+            (response_2, response_1, JUDGE_IDS[1]),
+        ):
+            text = _fill(template, instruction=instruction, response_1=first, response_2=second)
+            prompts.append((text, id_of_response_1))
+    return prompts
+
+
+def fill_pointwise(instruction, response):
+    """The Self-Rewarding pointwise judge prompt (SCIR Table 6) for one response."""
+    return _fill(POINTWISE_JUDGE_TEMPLATE, instruction=instruction, response=response)
+
+
+def chat_prompt(tokenizer, user_text):
+    """One user turn as text, ending exactly where the assistant's reply begins.
+
+    Encode the result with add_special_tokens=False: BOS is already in the text (chat
+    templates normally write it themselves; the fallback format gets it prepended here).
+    """
+    if tokenizer.chat_template:
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": user_text}], tokenize=False, add_generation_prompt=True
+        )
+    text = _fill(FALLBACK_CHAT_FORMAT, user_text=user_text)
+    return (tokenizer.bos_token or "") + text
+
+
+def identifier_token_ids(tokenizer):
+    """Token ids of "m" and "M" at the answer position, right after chat_prompt(...) + "[[".
+
+    Raises ValueError if the tokenizer does not keep the identifier as a token of its own there.
+    """
+    prefix = chat_prompt(tokenizer, _PROBE_QUESTION) + ANSWER_PREFIX
+    prefix_ids = tokenizer.encode(prefix, add_special_tokens=False)
+    ids = []
+    for identifier in JUDGE_IDS:
+        full_ids = tokenizer.encode(prefix + identifier + "]]", add_special_tokens=False)
+        if full_ids[: len(prefix_ids)] != prefix_ids or len(full_ids) <= len(prefix_ids):
+            raise ValueError(
+                f"tokenizer {tokenizer.name_or_path!r}: the tokens of '...{ANSWER_PREFIX}"
+                f"{identifier}]]' do not start with the tokens of the prompt ending in "
+                f"'{ANSWER_PREFIX}'"
+            )
+        token_id = full_ids[len(prefix_ids)]
+        decoded = tokenizer.decode([token_id])
+        if decoded != identifier:
+            raise ValueError(
+                f"tokenizer {tokenizer.name_or_path!r}: the token after '{ANSWER_PREFIX}' "
+                f"decodes to {decoded!r}, not {identifier!r}"
+            )
+        ids.append(token_id)
+    if ids[0] == ids[1]:
+        raise ValueError(
+            f"tokenizer {tokenizer.name_or_path!r}: 'm' and 'M' map to the same token id {ids[0]}"
+        )
+    return ids[0], ids[1]
