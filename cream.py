@@ -218,11 +218,20 @@ def save_model(model, tokenizer, path, summary):
 
 
 def encode(tokenizer, prompt, response=None, finished=True):
-    """Token ids of the chat-formatted prompt, and of the response followed by EOS when it ended there."""
-    prompt_ids = tokenizer(chat_prompt(tokenizer, prompt), add_special_tokens=False).input_ids
+    """Token ids of the chat-formatted prompt, and of the response followed by EOS when it ended there.
+
+    The response is tokenized together with its prompt, as the model saw it while sampling: tokenizers that add a
+    prefix space (SentencePiece) or merge across the boundary would give other ids for the response alone.
+    """
+    text = chat_prompt(tokenizer, prompt)
+    prompt_ids = tokenizer(text, add_special_tokens=False).input_ids
     if response is None:
         return prompt_ids
-    response_ids = tokenizer(response, add_special_tokens=False).input_ids
+    joint_ids = tokenizer(text + response, add_special_tokens=False).input_ids
+    if joint_ids[: len(prompt_ids)] == prompt_ids:
+        response_ids = joint_ids[len(prompt_ids):]
+    else:
+        response_ids = tokenizer(response, add_special_tokens=False).input_ids
     return prompt_ids, response_ids + ([tokenizer.eos_token_id] if finished else [])
 
 

@@ -1,0 +1,800 @@
+"""SCIR: Self-Consistent Internal Rewards for self-rewarding language models (Zhou et al., arXiv 2502.08922).
+
+    python scir.py --model mistralai/Mistral-7B-v0.3                              # the paper's setup, one 80 GB GPU
+    python scir.py --model mistralai/Mistral-7B-Instruct-v0.3 --judge_sft_only     # the strong-SFT variant (Table 3)
+    python scir.py --demo                                                         # offline: tiny random model, 2 CPU cores
+
+Read it next to the paper: SFT gives M0 (section 4.1, Appendix C.1); then per iteration M_t samples 4 responses
+for fresh Alpaca prompts and two of them form an unlabeled pair; training M_t -> M_{t+1} computes, every step,
+the implicit reward P (Eq. 4, global reference) and the judge's probability Q (Eq. 5, 2 templates x 2 orders,
+section 3.3, length-regularised), the consistency loss (Eq. 6) and DPO on the pairs both agree on (DCPO, Eq. 7)
+with the adaptive reference of Appendix A.
+"""
+
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import sys
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, HfArgumentParser
+
+from prompts import ANSWER_PREFIX, chat_prompt, identifier_token_ids, judge_prompts
+
+
+@dataclass
+class Args:
+    model: str = "mistralai/Mistral-7B-v0.3"
+    """the base model: SFT starts here, and it is the global reference pi_ref^g of Eq. 4 (section 4.1)"""
+    data_dir: str = None
+    """read sft.jsonl, judge.jsonl and prompts.jsonl from here instead of the Hub (see README)"""
+    output_dir: str = None
+    """default runs/scir-<model name>; rerunning the same command resumes from what is there"""
+    demo: bool = False
+    """offline smoke run: tiny random model, built-in data, small settings (explicit flags still win)"""
+    judge_sft_only: bool = False
+    """SFT on the judge examples only, lr 1e-7, 1 epoch: the paper's path for an instruction-tuned model (4.1)"""
+    iterations: int = 3
+    """iterations M0 -> M1 -> M2 -> M3 (section 4.1)"""
+    num_prompts: int = 4000
+    """fresh Alpaca prompts per iteration (section 4.1)"""
+    num_samples: int = 4
+    """responses sampled per prompt; two picked at random form the unlabeled pair (section 4.1)"""
+    sft_examples: int = 5000
+    """Alpaca examples in the SFT data, besides LIMA's 1,030 (Appendix C.1)"""
+    judge_pairs: int = 500
+    """oasst2 preference pairs, each giving 4 judge examples: 2 templates x 2 orders (Appendix C.1)"""
+    temperature: float = 0.7
+    """sampling temperature (section 4.1)"""
+    top_p: float = 0.9
+    """nucleus sampling (section 4.1)"""
+    max_new_tokens: int = 1024
+    """longest sampled response (not in the paper; M3's AlpacaEval answers average ~1,900 characters)"""
+    max_length: int = 2048
+    """longest sequence: prompt + response, and every judge prompt (responses inside it are cut to fit)"""
+    sft_epochs: int = 5
+    """SFT epochs (section 4.1; 1 with --judge_sft_only)"""
+    sft_lr: float = 1e-6
+    """SFT learning rate (section 4.1; 1e-7 with --judge_sft_only)"""
+    epochs: int = 2
+    """SCIR training epochs per iteration (section 4.1)"""
+    lr: float = 5e-7
+    """SCIR training learning rate (section 4.1)"""
+    beta: float = 0.1
+    """DPO and implicit-reward beta (section 4.1)"""
+    alpha: float = 1.0
+    """weight of the consistency loss in Eq. 7 (section 4.1)"""
+    tau: float = 0.7
+    """confidence threshold of Eq. 6 (section 4.1)"""
+    length_reg: float = 0.02
+    """alpha_l of the judge's length regularisation o' = o - alpha_l |y|, |y| in tokens (section 3.3, 4.1)"""
+    length_reg_from: int = 3
+    """first iteration (1 = M0 -> M1) that uses it: the third for Mistral-7B, the second for -Instruct (4.1)"""
+    warmup_ratio: float = 0.1
+    """linear warmup share of the steps, then cosine decay (cosine: section 4.1; the warmup is not given)"""
+    batch_size: int = 2
+    """pairs (or SFT sequences) per forward pass; a pair costs 2 policy sequences + 4 judge prompts"""
+    grad_accum: int = 16
+    """micro-batches per optimizer step: 2 x 16 = 32 pairs (not in the paper; CREAM's official batch)"""
+    max_grad_norm: float = 1.0
+    """gradient clipping (not in the paper; a common default)"""
+    score_batch_size: int = 16
+    """sequences per forward pass when scoring without gradients"""
+    seed: int = 42
+    """same seed, same run"""
+    dtype: str = "auto"
+    """'auto' = bfloat16 on a GPU (with stochastic-rounding AdamW), float32 on CPU; or 'bfloat16' / 'float32'"""
+
+
+# Settings --demo uses where the command line leaves the default: a 2-core CPU finishes in about a minute.
+DEMO = dict(iterations=3, num_prompts=8, num_samples=4, sft_examples=16, judge_pairs=8, max_new_tokens=24,
+            max_length=640, sft_epochs=3, sft_lr=3e-3, lr=3e-4, epochs=1, length_reg_from=3, batch_size=2,
+            grad_accum=2, score_batch_size=16, dtype="float32")
+# --judge_sft_only changes these defaults the same way (section 4.1)
+JUDGE_SFT_ONLY = dict(sft_epochs=1, sft_lr=1e-7)
+
+
+def fail(message):
+    """Stop with a one-line error and a non-zero exit, never a traceback."""
+    sys.exit(f"scir.py: error: {message}")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Files: JSONL in and out, written to a temporary name and renamed, so a crash never leaves half a file
+# --------------------------------------------------------------------------------------------------------
+def read_jsonl(path, required):
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                fail(f"{path}:{number}: not valid JSON ({e.msg})")
+            if not isinstance(row, dict) or any(not isinstance(row.get(k), str) for k in required):
+                fail(f"{path}:{number}: needs string fields {', '.join(required)}")
+            if not row[required[0]].strip():
+                fail(f"{path}:{number}: empty {required[0]}")
+            rows.append(row)
+    if not rows:
+        fail(f"{path} is empty")
+    return rows
+
+
+def write_jsonl(path, rows):
+    tmp = Path(f"{path}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def cached_jsonl(path, compute):
+    """Rows of `path` if an earlier run finished it, else compute them and write the file (resume)."""
+    if Path(path).exists():
+        with open(path, encoding="utf-8") as f:
+            return [json.loads(line) for line in f]
+    rows = compute()
+    write_jsonl(path, rows)
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------------
+# Data (Appendix C.1): Alpaca + LIMA + pairwise judge examples from oasst2; Alpaca prompts not used in SFT
+# --------------------------------------------------------------------------------------------------------
+def load_hub_data(args):
+    from datasets import load_dataset
+
+    def load(repo, **kwargs):
+        try:
+            return load_dataset(repo, split="train", **kwargs)
+        except Exception as e:
+            fail(f"cannot load dataset {repo} ({type(e).__name__}; LIMA is gated: accept its terms and log in); "
+                 f"offline, pass --data_dir DIR with sft.jsonl, judge.jsonl and prompts.jsonl (see README)")
+
+    alpaca = [{"prompt": r["instruction"] + (f"\n\n{r['input']}" if r["input"].strip() else ""),
+               "response": r["output"]} for r in load("tatsu-lab/alpaca")]
+    random.Random(args.seed).shuffle(alpaca)
+    sft = alpaca[: args.sft_examples]
+    if not args.judge_sft_only:  # LIMA's first exchange (30 of 1,030 rows have more turns)
+        sft += [{"prompt": r["conversations"][0], "response": r["conversations"][1]}
+                for r in load("GAIR/lima", revision="refs/convert/parquet") if len(r["conversations"]) >= 2]
+    judge = [{"prompt": r["prompt"].removeprefix("prompter: ").strip(), "chosen": r["chosen"], "rejected": r["rejected"]}
+             for r in load("monology/oasst2_dpo") if r["lang"] == "en" and "\nassistant: " not in r["prompt"]]
+    return sft, judge, [{"prompt": row["prompt"]} for row in alpaca[args.sft_examples:]]
+
+
+def load_data(args):
+    if args.data_dir is None:
+        return load_hub_data(args)
+    data_dir = Path(args.data_dir)
+    if not data_dir.is_dir():
+        fail(f"--data_dir {data_dir} is not a folder")
+    needed = {"sft.jsonl": ["prompt", "response"], "judge.jsonl": ["prompt", "chosen", "rejected"],
+              "prompts.jsonl": ["prompt"]}
+    if args.judge_sft_only:
+        del needed["sft.jsonl"]
+    for name in needed:
+        if not (data_dir / name).is_file():
+            fail(f"{data_dir / name} is missing")
+    rows = {name: read_jsonl(data_dir / name, keys) for name, keys in needed.items()}
+    return rows.get("sft.jsonl", []), rows["judge.jsonl"], rows["prompts.jsonl"]
+
+
+def judge_sft_examples(judge_rows, count, seed):
+    """Each preference pair gives 4 examples (2 templates x 2 orders) whose target names the better response."""
+    rows = random.Random(seed).sample(judge_rows, min(count, len(judge_rows)))
+    examples = []
+    for row in rows:
+        for text, id_of_chosen in judge_prompts(row["prompt"], row["chosen"], row["rejected"]):
+            examples.append({"prompt": text, "response": f"{ANSWER_PREFIX}{id_of_chosen}]]"})
+    return examples
+
+
+# --------------------------------------------------------------------------------------------------------
+# Models: one resident at a time (reference log-probs are precomputed, never a second model)
+# --------------------------------------------------------------------------------------------------------
+def torch_dtype(args):
+    if args.dtype == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
+
+
+def load_tokenizer(path):
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception as e:
+        fail(f"cannot load the tokenizer of {path!r} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+    if tokenizer.eos_token_id is None:
+        fail(f"the tokenizer of {path!r} has no EOS token")
+    if tokenizer.pad_token_id is None:  # base Mistral has none; padding is masked out everywhere
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(path, args):
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(args))
+    except Exception as e:
+        fail(f"cannot load model {path!r} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+    return model.to("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def save_model(model, tokenizer, path, summary):
+    """save_pretrained into a temporary folder, then rename: a folder M<k> is always complete."""
+    tmp = Path(f"{path}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "training_summary.json").write_text(json.dumps(summary, indent=1))
+    os.replace(tmp, path)
+
+
+def encode(tokenizer, prompt, response=None, finished=True):
+    """Token ids of the chat-formatted prompt, and of the response followed by EOS when it ended there.
+
+    The response is tokenized together with its prompt, as the model saw it while sampling: tokenizers that add a
+    prefix space (SentencePiece) or merge across the boundary would give other ids for the response alone.
+    """
+    text = chat_prompt(tokenizer, prompt)
+    prompt_ids = tokenizer(text, add_special_tokens=False).input_ids
+    if response is None:
+        return prompt_ids
+    joint_ids = tokenizer(text + response, add_special_tokens=False).input_ids
+    if joint_ids[: len(prompt_ids)] == prompt_ids:
+        response_ids = joint_ids[len(prompt_ids):]
+    else:
+        response_ids = tokenizer(response, add_special_tokens=False).input_ids
+    return prompt_ids, response_ids + ([tokenizer.eos_token_id] if finished else [])
+
+
+def collate(sequences, pad_id):
+    """[(prompt_ids, response_ids)] -> right-padded input_ids, attention_mask, labels (-100 off the response)."""
+    width = max(len(p) + len(r) for p, r in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id)
+    attention_mask = torch.zeros(len(sequences), width, dtype=torch.long)
+    labels = torch.full((len(sequences), width), -100)
+    for row, (p, r) in enumerate(sequences):
+        input_ids[row, : len(p) + len(r)] = torch.tensor(p + r)
+        attention_mask[row, : len(p) + len(r)] = 1
+        labels[row, len(p): len(p) + len(r)] = torch.tensor(r)
+    return input_ids, attention_mask, labels
+
+
+def sequence_logps(model, input_ids, attention_mask, response_mask):
+    """Summed log pi(y|x) over response tokens: [B, L] x3 -> [B] float32.
+
+    Logits come only from positions that predict a response token (logits_to_keep takes a boolean mask), so no
+    [B, L, V] tensor exists for prompt positions; log-probs are gather minus logsumexp in float32.
+    """
+    predicts_response = F.pad(response_mask[:, 1:].bool(), (0, 1), value=False)  # position p predicts token p+1
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # same positions for left or right padding
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                   logits_to_keep=predicts_response, use_cache=False).logits.float()  # [num_response_tokens, V]
+    targets = input_ids[:, 1:][response_mask[:, 1:].bool()]
+    token_logps = logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)
+    rows = predicts_response.nonzero()[:, 0]
+    return torch.zeros(input_ids.shape[0], device=logits.device).index_add(0, rows, token_logps)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Optimizer: AdamW in float32, written back to bfloat16 with stochastic rounding (memory.md)
+# --------------------------------------------------------------------------------------------------------
+def stochastic_round_to_bf16(x):
+    """float32 [...] -> bfloat16 [...], rounded up with probability equal to the distance, so E[result] = x."""
+    bits = x.view(torch.int32) + torch.randint_like(x, 0, 1 << 16, dtype=torch.int32)
+    return (bits & -65536).view(torch.float32).to(torch.bfloat16)  # clearing the low 16 bits is exact in bf16
+
+
+@torch.no_grad()
+def adamw_step(params, state, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+    """One AdamW step (Loshchilov & Hutter) per tensor in float32; m and v are stored in the parameter's dtype."""
+    state["step"] = step = state.get("step", 0) + 1
+    for p in params:
+        if p.grad is None:
+            continue
+        store = (lambda dst, src: dst.copy_(stochastic_round_to_bf16(src))) if p.dtype == torch.bfloat16 \
+            else (lambda dst, src: dst.copy_(src))
+        m, v = state.setdefault(p, (torch.zeros_like(p), torch.zeros_like(p)))
+        grad = p.grad.float()
+        m32 = m.float().lerp_(grad, 1 - betas[0])
+        v32 = v.float().mul_(betas[1]).addcmul_(grad, grad, value=1 - betas[1])
+        weight = p.float().mul_(1 - lr * weight_decay)
+        denom = (v32 / (1 - betas[1] ** step)).sqrt_().add_(eps)
+        weight.addcdiv_(m32, denom, value=-lr / (1 - betas[0] ** step))
+        store(p, weight), store(m, m32), store(v, v32)
+
+
+def learning_rate(step, total_steps, peak, warmup_ratio):
+    """1) linear warmup over warmup_ratio of the steps, 2) cosine decay to zero."""
+    warmup = max(1, int(warmup_ratio * total_steps))
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total_steps - warmup)))
+
+
+def train(model, batches, loss_fn, lr, args, desc):
+    """Gradient accumulation over `batches` (lists of micro-batches), clipping, AdamW; returns mean metrics."""
+    model.train()
+    model.config.use_cache = False
+    model.activation_checkpointing_enable()
+    params = [p for p in model.parameters() if p.requires_grad]
+    state, totals, count = {}, {}, 0
+    total_steps = math.ceil(len(batches) / args.grad_accum)
+    bar = tqdm(range(len(batches)), desc=desc)
+    for i in bar:
+        metrics = loss_fn(model, batches[i])
+        if not torch.isfinite(metrics["loss"]):
+            fail(f"{desc}: the loss became {metrics['loss'].item()} at micro-batch {i}; saved models are intact")
+        (metrics["loss"] / args.grad_accum).backward()
+        if (i + 1) % args.grad_accum == 0 or i + 1 == len(batches):
+            torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+            adamw_step(params, state, learning_rate(i // args.grad_accum, total_steps, lr, args.warmup_ratio))
+            model.zero_grad(set_to_none=True)
+        for k, v in metrics.items():
+            totals[k] = totals.get(k, 0.0) + v.item()
+        count += 1
+        bar.set_postfix(loss=f"{totals['loss'] / count:.4f}")
+    model.eval()
+    return {k: v / count for k, v in totals.items()}
+
+
+def micro_batches(items, batch_size, seed):
+    """Shuffle with a fixed seed and cut into micro-batches."""
+    items = list(items)
+    random.Random(seed).shuffle(items)
+    return [items[i: i + batch_size] for i in range(0, len(items), batch_size)]
+
+
+# --------------------------------------------------------------------------------------------------------
+# Section 4.1: SFT of the base model on instructions + pairwise judge examples gives M0
+# --------------------------------------------------------------------------------------------------------
+def sft_loss(model, batch):
+    """Mean negative log-likelihood of the response tokens; prompt and padding are labelled -100."""
+    input_ids, attention_mask, labels = (t.to(model.device) for t in batch)
+    response_mask = labels != -100
+    loss = -sequence_logps(model, input_ids, attention_mask, response_mask).sum() / response_mask.sum()
+    return {"loss": loss}
+
+
+def run_sft(args, tokenizer, sft_rows, judge_rows, out):
+    rows = sft_rows + judge_sft_examples(judge_rows, args.judge_pairs, args.seed)
+    examples = []
+    for row in rows:
+        prompt_ids, response_ids = encode(tokenizer, row["prompt"], row["response"])
+        if len(prompt_ids) < args.max_length - 1:  # keep the prompt whole, cut the response to fit
+            examples.append((prompt_ids, response_ids[: args.max_length - len(prompt_ids)]))
+    if not examples:
+        fail(f"every SFT prompt is longer than --max_length {args.max_length}")
+    batches = [collate(b, tokenizer.pad_token_id) for epoch in range(args.sft_epochs)
+               for b in micro_batches(examples, args.batch_size, args.seed + epoch)]
+    model = load_model(args.model, args)
+    summary = train(model, batches, sft_loss, args.sft_lr, args, "SFT -> M0")
+    summary.update(examples=len(examples), skipped_too_long=len(rows) - len(examples))
+    save_model(model, tokenizer, out / "M0", summary)
+    del model
+
+
+# --------------------------------------------------------------------------------------------------------
+# Section 4.1: M_t samples 4 responses per prompt; two picked at random form an unlabeled pair
+# --------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def sample_responses(model, tokenizer, prompts, args):
+    """N samples per prompt with continuous batching (`generate_batch`: a paged KV cache, no padding)."""
+    if model.device.type == "cpu":  # it logs that psutil is missing on every CPU call
+        logging.getLogger("ContinuousBatchingLogger").setLevel(logging.CRITICAL)
+    model_eos = model.generation_config.eos_token_id
+    eos_ids = {tokenizer.eos_token_id} | set(model_eos if isinstance(model_eos, list) else [model_eos] if model_eos else [])
+    config = GenerationConfig(do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=0,
+                              max_new_tokens=args.max_new_tokens, num_return_sequences=args.num_samples,
+                              eos_token_id=sorted(eos_ids), pad_token_id=tokenizer.pad_token_id)
+    outputs = model.generate_batch(inputs=[encode(tokenizer, p) for p in prompts], generation_config=config,
+                                   progress_bar=True)
+    if len(outputs) != len(prompts) * args.num_samples:
+        fail(f"generation returned {len(outputs)} of {len(prompts) * args.num_samples} responses")
+    grouped = [[] for _ in prompts]  # request ids are req_<prompt index>[__child#k]
+    for request_id, output in outputs.items():
+        tokens = list(output.generated_tokens)
+        finished = bool(tokens) and tokens[-1] in eos_ids
+        grouped[int(request_id.split("__")[0].removeprefix("req_"))].append(
+            {"response": tokenizer.decode(tokens[:-1] if finished else tokens, skip_special_tokens=True),
+             "finished": finished, "tokens": len(tokens)})
+    return grouped
+
+
+def run_sampling(args, tokenizer, pool, t, out):
+    """Sample from M_t, then pick two of each prompt's responses at random: the unlabeled pair (y1, y2)."""
+    model = load_model(out / f"M{t}", args)
+    torch.manual_seed(args.seed + 1000 * t)
+    grouped = sample_responses(model, tokenizer, [row["prompt"] for row in pool], args)
+    del model
+    rng = random.Random(args.seed + t)
+    rows = []
+    for row, samples in zip(pool, grouped):
+        first, second = rng.sample(range(len(samples)), 2)
+        rows.append({"id": row["id"], "prompt": row["prompt"], "samples": samples,
+                     "response_1": samples[first], "response_2": samples[second]})
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------------
+# Eq. 4: the implicit reward model (IRM), P(y1 > y2) under the global reference
+# --------------------------------------------------------------------------------------------------------
+def implicit_preference(policy_logps_1, policy_logps_2, ref_logps_1, ref_logps_2, beta):
+    """P_irm(y1 > y2 | x) = sigmoid(beta log pi/pi_ref (y1) - beta log pi/pi_ref (y2)): [B] x4 -> [B] (Eq. 4)."""
+    return torch.sigmoid(beta * ((policy_logps_1 - ref_logps_1) - (policy_logps_2 - ref_logps_2)))
+
+
+# --------------------------------------------------------------------------------------------------------
+# Eq. 5 and section 3.3: the generative reward model (GRM), the judge's probability of y1's identifier
+# --------------------------------------------------------------------------------------------------------
+def judge_probability(logit_first, logit_second, len_first, len_second, alpha_l):
+    """P(the response shown first wins): the two identifiers' logits renormalised, each minus alpha_l |y| (3.3).
+
+    [B] x4 -> [B]; softmax over two logits is the sigmoid of their difference.
+    """
+    return torch.sigmoid((logit_first - alpha_l * len_first) - (logit_second - alpha_l * len_second))
+
+
+def judge_inputs(tokenizer, instruction, response_1, response_2, max_length):
+    """The 4 judge prompts of a pair as token ids ending in '[[', responses cut so each fits max_length.
+
+    Returns [(ids, y1_shown_first)] for the 4 prompts (2 templates x 2 orders, prompts.judge_prompts).
+    """
+    overhead = max(len(encode(tokenizer, text)) for text, _ in judge_prompts(instruction, "", ""))
+    room = max(1, (max_length - overhead - len(tokenizer(ANSWER_PREFIX, add_special_tokens=False).input_ids)) // 2)
+    cut = [tokenizer.decode(tokenizer(r, add_special_tokens=False).input_ids[:room]) for r in (response_1, response_2)]
+    inputs = []
+    for text, id_of_response_1 in judge_prompts(instruction, *cut):
+        ids = tokenizer(chat_prompt(tokenizer, text) + ANSWER_PREFIX, add_special_tokens=False).input_ids
+        inputs.append((ids[-max_length:], id_of_response_1 == "m"))
+    return inputs
+
+
+def identifier_logits(model, sequences, identifier_ids, pad_id):
+    """Logits of the identifiers m and M at the answer position: [S] token lists -> [S, 2].
+
+    Left padding puts every answer position last, so the model computes logits for one position only.
+    """
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, device=model.device)
+    attention_mask = torch.zeros(len(sequences), width, dtype=torch.long, device=model.device)
+    for row, s in enumerate(sequences):
+        input_ids[row, width - len(s):] = torch.tensor(s, device=model.device)
+        attention_mask[row, width - len(s):] = 1
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                   logits_to_keep=1, use_cache=False).logits[:, -1]  # [S, V]
+    return logits[:, list(identifier_ids)].float()
+
+
+def generative_preference(model, tokenizer, instructions, responses_1, responses_2, identifier_ids, alpha_l,
+                          max_length, lengths_1=None, lengths_2=None):
+    """P_grm(y1 > y2 | x) (Eq. 5) averaged over 2 templates x 2 orders (section 3.3): B pairs -> [B].
+
+    With gradients when called under autograd; lengths |y| (tokens) default to those of the responses given.
+    """
+    token_count = lambda r: len(tokenizer(r, add_special_tokens=False).input_ids)
+    lengths_1 = lengths_1 or [token_count(r) for r in responses_1]
+    lengths_2 = lengths_2 or [token_count(r) for r in responses_2]
+    sequences, first_is_y1 = [], []
+    for x, y1, y2 in zip(instructions, responses_1, responses_2):
+        for ids, y1_first in judge_inputs(tokenizer, x, y1, y2, max_length):
+            sequences.append(ids)
+            first_is_y1.append(y1_first)
+    logits = identifier_logits(model, sequences, identifier_ids, tokenizer.pad_token_id)  # [4B, 2]
+    first_is_y1 = torch.tensor(first_is_y1, device=logits.device)
+    len_1 = torch.tensor(lengths_1, device=logits.device, dtype=torch.float32).repeat_interleave(4)
+    len_2 = torch.tensor(lengths_2, device=logits.device, dtype=torch.float32).repeat_interleave(4)
+    p_first = judge_probability(logits[:, 0], logits[:, 1], torch.where(first_is_y1, len_1, len_2),
+                                torch.where(first_is_y1, len_2, len_1), alpha_l)
+    p_y1 = torch.where(first_is_y1, p_first, 1 - p_first)
+    return p_y1.view(-1, 4).mean(-1)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Eq. 6: consistency loss between P (IRM) and Q (GRM): symmetric KL to a stopped target, entropy, confidence mask
+# --------------------------------------------------------------------------------------------------------
+def bernoulli_kl(q, p):
+    """KL(Bern(q) || Bern(p)) elementwise, [B] x2 -> [B]."""
+    return q * (q.log() - p.log()) + (1 - q) * ((1 - q).log() - (1 - p).log())
+
+
+def bernoulli_entropy(q):
+    """H(Bern(q)) elementwise, [B] -> [B]."""
+    return -(q * q.log() + (1 - q) * (1 - q).log())
+
+
+def consistency_loss(p_irm, p_grm, tau):
+    """Eq. 6 per pair, [B] x2 -> [B]; P and Q are probabilities that y1 wins.
+
+    1[max(P, 1-P) > tau] [KL(Q || sg(P)) + H(Q)] + 1[max(Q, 1-Q) > tau] [KL(P || sg(Q)) + H(P)]
+    """
+    eps = 1e-6  # keeps the logs finite when a probability saturates
+    p, q = p_irm.clamp(eps, 1 - eps), p_grm.clamp(eps, 1 - eps)
+    p_confident = (torch.maximum(p, 1 - p) > tau).float().detach()
+    q_confident = (torch.maximum(q, 1 - q) > tau).float().detach()
+    return (p_confident * (bernoulli_kl(q, p.detach()) + bernoulli_entropy(q))
+            + q_confident * (bernoulli_kl(p, q.detach()) + bernoulli_entropy(p)))
+
+
+# --------------------------------------------------------------------------------------------------------
+# Eq. 3 and Appendix A: DPO with the adaptive reference (the larger of the local and global reference ratios)
+# --------------------------------------------------------------------------------------------------------
+def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta):
+    """-log sigmoid(beta log pi/pi_ref (y_w) - beta log pi/pi_ref (y_l)): [B] x4 -> [B] (Eq. 3)."""
+    return -F.logsigmoid(beta * ((policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)))
+
+
+def adaptive_reference_logratio(local_ref_chosen, local_ref_rejected, global_ref_chosen, global_ref_rejected):
+    """log pi_ref(y_w)/pi_ref(y_l) of whichever reference makes it larger (Appendix A): [B] x4 -> [B]."""
+    return torch.maximum(local_ref_chosen - local_ref_rejected, global_ref_chosen - global_ref_rejected)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Eq. 7: DCPO on the pairs IRM and GRM agree on, plus alpha times the consistency loss
+# --------------------------------------------------------------------------------------------------------
+def scir_loss(policy_logps_1, policy_logps_2, global_ref_logps_1, global_ref_logps_2, local_ref_logps_1,
+              local_ref_logps_2, p_grm, beta, alpha, tau):
+    """Eq. 7 per pair: 1[IRM and GRM agree] L_DPO + alpha L_consistency. [B] x7 -> dict of [B] tensors.
+
+    The agreed winner is chosen; only the difference of the reference log-probs enters Eq. 3, so the adaptive
+    reference is passed as that difference.
+    """
+    p_irm = implicit_preference(policy_logps_1, policy_logps_2, global_ref_logps_1, global_ref_logps_2, beta)
+    consistency = consistency_loss(p_irm, p_grm, tau)
+    y1_wins = p_irm.detach() > 0.5
+    agree = (y1_wins == (p_grm.detach() > 0.5)).float()
+    pick = lambda a, b: torch.where(y1_wins, a, b)  # (chosen, rejected) = (y1, y2) if y1 wins, else (y2, y1)
+    ref_logratio = adaptive_reference_logratio(pick(local_ref_logps_1, local_ref_logps_2),
+                                               pick(local_ref_logps_2, local_ref_logps_1),
+                                               pick(global_ref_logps_1, global_ref_logps_2),
+                                               pick(global_ref_logps_2, global_ref_logps_1))
+    dpo = dpo_loss(pick(policy_logps_1, policy_logps_2), pick(policy_logps_2, policy_logps_1),
+                   ref_logratio, torch.zeros_like(ref_logratio), beta)
+    return {"loss": agree * dpo + alpha * consistency, "dpo_loss": dpo, "consistency_loss": consistency,
+            "agree": agree, "p_irm": p_irm, "p_grm": p_grm}
+
+
+def pair_sequences(tokenizer, pair, max_length):
+    """(prompt_ids, response_ids) of y1 and y2, cut to max_length the same way for scoring and training."""
+    out = []
+    for key in ("response_1", "response_2"):
+        prompt_ids, response_ids = encode(tokenizer, pair["prompt"], pair[key]["response"], pair[key]["finished"])
+        out.append((prompt_ids, response_ids[: max_length - len(prompt_ids)]))
+    return out
+
+
+def pair_forward(model, tokenizer, batch, args, identifier_ids, alpha_l):
+    """Policy log-probs of y1 and y2 (one stacked forward) and the judge's Q for a micro-batch of pairs."""
+    sequences = [s for pair in batch for s in pair["sequences"]]  # y1, y2, y1, y2, ...
+    input_ids, attention_mask, labels = (t.to(model.device) for t in collate(sequences, tokenizer.pad_token_id))
+    logps = sequence_logps(model, input_ids, attention_mask, labels != -100).view(-1, 2)
+    p_grm = generative_preference(model, tokenizer, [p["prompt"] for p in batch],
+                                  [p["response_1"]["response"] for p in batch], [p["response_2"]["response"] for p in batch],
+                                  identifier_ids, alpha_l, args.max_length,
+                                  [p["response_1"]["tokens"] for p in batch], [p["response_2"]["tokens"] for p in batch])
+    return logps[:, 0], logps[:, 1], p_grm
+
+
+def scir_batch_loss(args, tokenizer, identifier_ids, alpha_l):
+    def loss_fn(model, batch):
+        policy_1, policy_2, p_grm = pair_forward(model, tokenizer, batch, args, identifier_ids, alpha_l)
+        ref = lambda key: torch.tensor([p[key] for p in batch], device=model.device)
+        terms = scir_loss(policy_1, policy_2, ref("global_logp_1"), ref("global_logp_2"), ref("local_logp_1"),
+                          ref("local_logp_2"), p_grm, args.beta, args.alpha, args.tau)
+        agree = terms["agree"]
+        return {"loss": terms["loss"].mean(), "consistency_loss": terms["consistency_loss"].mean().detach(),
+                "dpo_loss": (agree * terms["dpo_loss"]).sum().detach() / agree.sum().clamp(min=1),
+                "dcpo_fraction": agree.mean()}
+    return loss_fn
+
+
+@torch.no_grad()
+def score_pairs(model_path_or_model, tokenizer, pairs, args, identifier_ids, alpha_l, desc, with_judge=True):
+    """Without gradients: log pi(y1|x), log pi(y2|x) and, if asked, Q for every pair -> list of dicts."""
+    model = load_model(model_path_or_model, args) if isinstance(model_path_or_model, (str, Path)) else model_path_or_model
+    model.eval()
+    results = []
+    for start in tqdm(range(0, len(pairs), args.score_batch_size // 2), desc=desc):
+        batch = pairs[start: start + args.score_batch_size // 2]
+        sequences = [s for pair in batch for s in pair["sequences"]]
+        input_ids, attention_mask, labels = (t.to(model.device) for t in collate(sequences, tokenizer.pad_token_id))
+        logps = sequence_logps(model, input_ids, attention_mask, labels != -100).view(-1, 2).tolist()
+        if with_judge:
+            q = generative_preference(model, tokenizer, [p["prompt"] for p in batch],
+                                      [p["response_1"]["response"] for p in batch],
+                                      [p["response_2"]["response"] for p in batch], identifier_ids, alpha_l,
+                                      args.max_length, [p["response_1"]["tokens"] for p in batch],
+                                      [p["response_2"]["tokens"] for p in batch]).tolist()
+        for k, (l1, l2) in enumerate(logps):
+            results.append({"logp_1": l1, "logp_2": l2} | ({"q": q[k]} if with_judge else {}))
+    return results
+
+
+def run_scir_training(args, tokenizer, samples, t, out, identifier_ids):
+    """Precompute pi_ref^g and pi_ref^l = M_t log-probs (and P, Q at the start), train M_t -> M_{t+1}, measure again."""
+    it = out / f"iter{t + 1}"
+    alpha_l = args.length_reg if t + 1 >= args.length_reg_from else 0.0
+    pairs = [dict(row, sequences=pair_sequences(tokenizer, row, args.max_length)) for row in samples]
+    global_ref = cached_jsonl(it / "logps_global.jsonl", lambda: score_pairs(
+        args.model, tokenizer, pairs, args, identifier_ids, alpha_l, f"global reference {args.model}", False))
+    start = cached_jsonl(it / "start.jsonl", lambda: score_pairs(
+        out / f"M{t}", tokenizer, pairs, args, identifier_ids, alpha_l, f"local reference M{t}, judge"))
+    for pair, g, s in zip(pairs, global_ref, start):
+        pair.update(global_logp_1=g["logp_1"], global_logp_2=g["logp_2"], local_logp_1=s["logp_1"],
+                    local_logp_2=s["logp_2"])
+    batches = [b for epoch in range(args.epochs) for b in micro_batches(pairs, args.batch_size, args.seed + t + epoch)]
+    model = load_model(out / f"M{t}", args)
+    torch.manual_seed(args.seed + 1000 * t + 1)
+    summary = train(model, batches, scir_batch_loss(args, tokenizer, identifier_ids, alpha_l), args.lr, args,
+                    f"SCIR M{t} -> M{t + 1}")
+    end = score_pairs(model, tokenizer, pairs, args, identifier_ids, alpha_l, f"IRM and GRM of M{t + 1}")
+    rows, agree = [], 0
+    for pair, s, e in zip(pairs, start, end):
+        p_start = implicit_preference(*(torch.tensor(v) for v in (s["logp_1"], s["logp_2"], pair["global_logp_1"],
+                                                                   pair["global_logp_2"])), args.beta).item()
+        p_end = implicit_preference(*(torch.tensor(v) for v in (e["logp_1"], e["logp_2"], pair["global_logp_1"],
+                                                                 pair["global_logp_2"])), args.beta).item()
+        agree += (p_end > 0.5) == (e["q"] > 0.5)
+        rows.append({"id": pair["id"], "prompt": pair["prompt"], "response_1": pair["response_1"]["response"],
+                     "response_2": pair["response_2"]["response"], "p_start": p_start, "q_start": s["q"],
+                     "label_irm_start": int(p_start > 0.5), "label_grm_start": int(s["q"] > 0.5), "p_end": p_end,
+                     "q_end": e["q"], "label_irm_end": int(p_end > 0.5), "label_grm_end": int(e["q"] > 0.5)})
+    summary["consistency_rate"] = agree / len(pairs)
+    write_jsonl(it / "pairs.jsonl", rows)
+    save_model(model, tokenizer, out / f"M{t + 1}", summary)
+    del model
+
+
+# --------------------------------------------------------------------------------------------------------
+# Demo: a tiny random Llama and a byte-level BPE tokenizer built here, so the whole loop runs offline
+# --------------------------------------------------------------------------------------------------------
+DEMO_DATA = [
+    ("Name a primary color.", "Red is a primary color.", "Cats like milk."),
+    ("What is 2 + 3?", "2 + 3 = 5.", "2 + 3 = 7."),
+    ("Give a synonym for happy.", "Glad is a synonym for happy.", "Sad."),
+    ("What do bees make?", "Bees make honey.", "Bees make cars."),
+    ("Translate 'hola' to English.", "'Hola' means hello.", "'Hola' means goodbye."),
+    ("What is the capital of France?", "The capital of France is Paris.", "Berlin."),
+    ("How many legs does a spider have?", "A spider has eight legs.", "Two."),
+    ("What is the opposite of cold?", "The opposite of cold is hot.", "Cold."),
+    ("Which planet is called the red planet?", "Mars is called the red planet.", "The Moon."),
+    ("What gas do plants take in?", "Plants take in carbon dioxide.", "Plants take in gold."),
+    ("What is 10 minus 4?", "10 minus 4 is 6.", "10 minus 4 is 9."),
+    ("Name a mammal that can fly.", "The bat is a mammal that can fly.", "The fish."),
+    ("What freezes at zero degrees Celsius?", "Water freezes at zero degrees Celsius.", "Fire."),
+    ("How many days are in a week?", "A week has seven days.", "A week has ten days."),
+    ("What color is the sky on a clear day?", "The sky is blue on a clear day.", "Green."),
+    ("Who wrote Hamlet?", "William Shakespeare wrote Hamlet.", "Nobody."),
+]
+
+
+def build_demo(out):
+    """Write a tiny Llama (random weights) with its tokenizer and the demo data; return (model_dir, data_dir)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    import prompts
+
+    model_dir, data_dir = out / "demo-base", out / "demo-data"
+    if not model_dir.exists():
+        bpe = Tokenizer(models.BPE())
+        bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+        corpus = [" ".join(row) for row in DEMO_DATA] + list(prompts.PAIRWISE_JUDGE_TEMPLATES)  # judge prompts compress
+        bpe.train_from_iterator(corpus * 4, trainers.BpeTrainer(
+            vocab_size=1000, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+        tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>")
+        config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+        torch.manual_seed(0)
+        save_model(LlamaForCausalLM(config), tokenizer, model_dir, {"demo": True})
+    data_dir.mkdir(parents=True, exist_ok=True)
+    write_jsonl(data_dir / "sft.jsonl", [{"prompt": p, "response": good} for p, good, _ in DEMO_DATA])
+    write_jsonl(data_dir / "judge.jsonl", [{"prompt": p, "chosen": good, "rejected": bad} for p, good, bad in DEMO_DATA])
+    write_jsonl(data_dir / "prompts.jsonl", [{"prompt": p} for p, _, _ in DEMO_DATA for _ in range(2)])
+    return str(model_dir), str(data_dir)
+
+
+# --------------------------------------------------------------------------------------------------------
+# The loop: base -SFT-> M0 -SCIR-> M1 -SCIR-> M2 -SCIR-> M3
+# --------------------------------------------------------------------------------------------------------
+def parse_args(argv=None):
+    args = HfArgumentParser(Args).parse_args_into_dataclasses(args=argv)[0]
+    defaults = {f.name: f.default for f in fields(Args)}
+    for enabled, overrides in ((args.demo, DEMO), (args.judge_sft_only, JUDGE_SFT_ONLY)):
+        for name, value in overrides.items():
+            if enabled and getattr(args, name) == defaults[name]:
+                setattr(args, name, value)
+    if args.num_samples < 2:
+        fail(f"--num_samples must be at least 2 to form a pair, got {args.num_samples}")
+    for name in ("iterations", "num_prompts", "max_new_tokens", "batch_size", "grad_accum", "epochs"):
+        if getattr(args, name) < 1:
+            fail(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.score_batch_size < 2:
+        fail(f"--score_batch_size must be at least 2 (one pair), got {args.score_batch_size}")
+    if args.max_length <= args.max_new_tokens:
+        fail(f"--max_length {args.max_length} leaves no room for a prompt with --max_new_tokens {args.max_new_tokens}")
+    if not 0.5 <= args.tau < 1:
+        fail(f"--tau must be in [0.5, 1), got {args.tau}")
+    if args.dtype not in ("auto", "bfloat16", "float32"):
+        fail(f"--dtype must be auto, bfloat16 or float32, got {args.dtype!r}")
+    if args.sft_epochs < 0:
+        fail("--sft_epochs must be >= 0")
+    if args.output_dir is None:
+        args.output_dir = "runs/scir-demo" if args.demo else f"runs/scir-{Path(args.model).name}"
+    return args
+
+
+def print_table(rows):
+    columns = ["iteration", "consistency_rate", "dcpo_fraction", "loss", "consistency_loss", "dpo_loss",
+               "response_length"]
+    print("\n" + " | ".join(columns))
+    for row in rows:
+        print(" | ".join(f"{row[c]:.4f}" if isinstance(row[c], float) else str(row[c]) for c in columns))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.demo:
+        args.model, args.data_dir = build_demo(out)
+    sft_rows, judge_rows, prompt_rows = load_data(args)  # validated before any model is loaded
+    random.Random(args.seed).shuffle(prompt_rows)
+    if len(prompt_rows) < args.iterations * args.num_prompts:
+        print(f"note: {len(prompt_rows)} prompts for {args.iterations} x {args.num_prompts}: "
+              f"each iteration gets {len(prompt_rows) // args.iterations}")
+    per_iteration = min(args.num_prompts, len(prompt_rows) // args.iterations)
+    if per_iteration == 0:
+        fail(f"{len(prompt_rows)} prompts cannot be shared by {args.iterations} iterations")
+    tokenizer = load_tokenizer(args.model)
+    try:
+        identifier_ids = identifier_token_ids(tokenizer)
+    except ValueError as e:
+        fail(str(e))
+    (out / "args.json").write_text(json.dumps(asdict(args), indent=1))
+
+    if not (out / "M0").exists():
+        if args.sft_epochs == 0:  # no SFT: M0 is the model as given
+            save_model(load_model(args.model, args), tokenizer, out / "M0", {"sft": "skipped"})
+        else:
+            run_sft(args, tokenizer, sft_rows, judge_rows, out)
+
+    metrics = []
+    for t in range(args.iterations):  # iteration t + 1 trains M_t into M_{t+1}
+        it = out / f"iter{t + 1}"
+        it.mkdir(exist_ok=True)
+        pool, too_long = [], 0
+        for j, row in enumerate(prompt_rows[t * per_iteration: (t + 1) * per_iteration]):  # fresh prompts
+            if len(encode(tokenizer, row["prompt"])) > args.max_length - args.max_new_tokens:
+                too_long += 1
+            else:
+                pool.append({"id": f"{t + 1}-{j}", "prompt": row["prompt"]})
+        if not pool:
+            fail(f"every prompt of iteration {t + 1} is longer than --max_length - --max_new_tokens")
+        samples = cached_jsonl(it / "samples.jsonl", lambda: run_sampling(args, tokenizer, pool, t, out))
+        if not (out / f"M{t + 1}").exists():
+            run_scir_training(args, tokenizer, samples, t, out, identifier_ids)
+        summary = json.loads((out / f"M{t + 1}" / "training_summary.json").read_text())
+        metrics.append({"iteration": t + 1, "consistency_rate": summary["consistency_rate"],
+                        "dcpo_fraction": summary["dcpo_fraction"], "loss": summary["loss"],
+                        "consistency_loss": summary["consistency_loss"], "dpo_loss": summary["dpo_loss"],
+                        "response_length": sum(s["tokens"] for row in samples for s in row["samples"])
+                        / sum(len(row["samples"]) for row in samples), "pairs": len(samples), "too_long": too_long})
+        write_jsonl(out / "metrics.jsonl", metrics)
+    print_table(metrics)
+    print(f"\nmodels, samples, pairs and metrics.jsonl are in {out}")
+
+
+if __name__ == "__main__":
+    main()
