@@ -24,60 +24,50 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, HfArgumentParser
+from transformers.hf_argparser import HfArg
 
 from prompts import chat_prompt
 
 
 @dataclass
 class Args:
-    model: str = "meta-llama/Meta-Llama-3-8B-Instruct"
-    """M0: a Hub id or local path (paper: Llama-3 and Llama-2 at ~7B; the official code uses the Instruct model)"""
-    data_dir: str = None
-    """read sft.jsonl {"prompt","response"} and prompts.jsonl {"prompt"} from here instead of the Hub"""
-    output_dir: str = None
-    """default runs/cream-<model name>; rerunning the same command resumes from what is there"""
-    demo: bool = False
-    """offline smoke run: tiny random model, built-in data, small settings (explicit flags still win)"""
-    iterations: int = 2
-    """T preference iterations after SFT: M2 and M3 as in Table 1"""
-    num_prompts: int = 10500
-    """prompts per iteration: 21K prompts in D_U shared equally by the iterations (section 4.1)"""
-    num_samples: int = 5
-    """N responses per prompt (official code; the paper leaves N open); at least 2"""
-    temperature: float = 0.8
-    """sampling temperature (section 4.1)"""
-    top_p: float = 0.95
-    """nucleus sampling (official code)"""
-    max_new_tokens: int = 768
-    """longest sampled response (official code)"""
-    max_length: int = 2048
-    """longest prompt + response in tokens; longer prompts are skipped and counted (official code: 2048)"""
-    sft_epochs: int = 3
-    """SFT epochs for M0 -> M1 (section 4.1; official code: 5)"""
-    sft_lr: float = 1e-6
-    """SFT learning rate (section 4.1; official code: 5e-6)"""
-    epochs: int = 1
-    """preference-training epochs per iteration (section 4.1)"""
-    lr: float = 1e-6
-    """preference-training learning rate (section 4.1)"""
-    beta: float = 0.1
-    """DPO beta (section 4.1)"""
-    warmup_ratio: float = 0.1
-    """linear warmup share of the steps, then cosine decay (section 4.1; cosine from the official code)"""
-    batch_size: int = 4
-    """sequences (SFT) or pairs (DPO) per forward pass"""
-    grad_accum: int = 8
-    """micro-batches per optimizer step: 4 x 8 = 32, the official code's batch"""
-    max_grad_norm: float = 1.0
-    """gradient clipping (official code)"""
-    score_batch_size: int = 16
-    """sequences per forward pass when scoring log-probs (inference only)"""
-    consistency_scope: str = "dataset"
-    """'dataset': one C for every pair (Algorithm 1 line 11); 'pair': each pair its own (tau+1)/2 (official 'dyn')"""
-    seed: int = 42
-    """same seed, same run"""
-    dtype: str = "auto"
-    """'auto' = bfloat16 on a GPU (with stochastic-rounding AdamW), float32 on CPU; or 'bfloat16' / 'float32'"""
+    model: str = HfArg(default="meta-llama/Meta-Llama-3-8B-Instruct", help=(
+        "M0: a Hub id or local path (paper: Llama-3 and Llama-2 at ~7B; the official code uses the Instruct model)"))
+    data_dir: str = HfArg(default=None, help=(
+        "read sft.jsonl {'prompt','response'} and prompts.jsonl {'prompt'} from here instead of the Hub"))
+    output_dir: str = HfArg(default=None, help=(
+        "default runs/cream-<model name>; rerunning the same command resumes from what is there"))
+    demo: bool = HfArg(default=False, help=(
+        "offline smoke run: tiny random model, built-in data, small settings (explicit flags still win)"))
+    iterations: int = HfArg(default=2, help="T preference iterations after SFT: M2 and M3 as in Table 1")
+    num_prompts: int = HfArg(default=10500, help=(
+        "prompts per iteration: 21K prompts in D_U shared equally by the iterations (section 4.1)"))
+    num_samples: int = HfArg(default=5, help=(
+        "N responses per prompt (official code; the paper leaves N open); at least 2"))
+    temperature: float = HfArg(default=0.8, help="sampling temperature (section 4.1)")
+    top_p: float = HfArg(default=0.95, help="nucleus sampling (official code)")
+    max_new_tokens: int = HfArg(default=768, help="longest sampled response (official code)")
+    max_length: int = HfArg(default=2048, help=(
+        "longest prompt + response in tokens; longer prompts are skipped and counted (official code: 2048)"))
+    sft_epochs: int = HfArg(default=3, help="SFT epochs for M0 -> M1 (section 4.1; official code: 5)")
+    sft_lr: float = HfArg(default=1e-6, help="SFT learning rate (section 4.1; official code: 5e-6)")
+    epochs: int = HfArg(default=1, help="preference-training epochs per iteration (section 4.1)")
+    lr: float = HfArg(default=1e-6, help="preference-training learning rate (section 4.1)")
+    beta: float = HfArg(default=0.1, help="DPO beta (section 4.1)")
+    warmup_ratio: float = HfArg(default=0.1, help=(
+        "linear warmup share of the steps, then cosine decay (section 4.1; cosine from the official code)"))
+    batch_size: int = HfArg(default=4, help="sequences (SFT) or pairs (DPO) per forward pass")
+    grad_accum: int = HfArg(default=8, help=(
+        "micro-batches per optimizer step: 4 x 8 = 32, the official code's batch"))
+    max_grad_norm: float = HfArg(default=1.0, help="gradient clipping (official code)")
+    score_batch_size: int = HfArg(default=16, help=(
+        "sequences per forward pass when scoring log-probs (inference only)"))
+    consistency_scope: str = HfArg(default="dataset", help=(
+        "'dataset': one C for every pair (Algorithm 1 line 11); 'pair': each pair its own (tau+1)/2 (official "
+        "'dyn')"))
+    seed: int = HfArg(default=42, help="same seed, same run")
+    dtype: str = HfArg(default="auto", help=(
+        "'auto' = bfloat16 on a GPU (with stochastic-rounding AdamW), float32 on CPU; or 'bfloat16' / 'float32'"))
 
 
 # Settings --demo uses where the command line leaves the default: a 2-core CPU finishes in about a minute.
@@ -188,6 +178,8 @@ def torch_dtype(args):
 
 
 def load_tokenizer(path):
+    if str(path).startswith(("/", ".", "~")) and not Path(path).expanduser().exists():
+        fail(f"model {path!r}: no such folder")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except Exception as e:

@@ -25,72 +25,59 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, HfArgumentParser
+from transformers.hf_argparser import HfArg
 
 from prompts import ANSWER_PREFIX, chat_prompt, identifier_token_ids, judge_prompts
 
 
 @dataclass
 class Args:
-    model: str = "mistralai/Mistral-7B-v0.3"
-    """the base model: SFT starts here, and it is the global reference pi_ref^g of Eq. 4 (section 4.1)"""
-    data_dir: str = None
-    """read sft.jsonl, judge.jsonl and prompts.jsonl from here instead of the Hub (see README)"""
-    output_dir: str = None
-    """default runs/scir-<model name>; rerunning the same command resumes from what is there"""
-    demo: bool = False
-    """offline smoke run: tiny random model, built-in data, small settings (explicit flags still win)"""
-    judge_sft_only: bool = False
-    """SFT on the judge examples only, lr 1e-7, 1 epoch: the paper's path for an instruction-tuned model (4.1)"""
-    iterations: int = 3
-    """iterations M0 -> M1 -> M2 -> M3 (section 4.1)"""
-    num_prompts: int = 4000
-    """fresh Alpaca prompts per iteration (section 4.1)"""
-    num_samples: int = 4
-    """responses sampled per prompt; two picked at random form the unlabeled pair (section 4.1)"""
-    sft_examples: int = 5000
-    """Alpaca examples in the SFT data, besides LIMA's 1,030 (Appendix C.1)"""
-    judge_pairs: int = 500
-    """oasst2 preference pairs, each giving 4 judge examples: 2 templates x 2 orders (Appendix C.1)"""
-    temperature: float = 0.7
-    """sampling temperature (section 4.1)"""
-    top_p: float = 0.9
-    """nucleus sampling (section 4.1)"""
-    max_new_tokens: int = 1024
-    """longest sampled response (not in the paper; M3's AlpacaEval answers average ~1,900 characters)"""
-    max_length: int = 2048
-    """longest sequence: prompt + response, and every judge prompt (responses inside it are cut to fit)"""
-    sft_epochs: int = 5
-    """SFT epochs (section 4.1; 1 with --judge_sft_only)"""
-    sft_lr: float = 1e-6
-    """SFT learning rate (section 4.1; 1e-7 with --judge_sft_only)"""
-    epochs: int = 2
-    """SCIR training epochs per iteration (section 4.1)"""
-    lr: float = 5e-7
-    """SCIR training learning rate (section 4.1)"""
-    beta: float = 0.1
-    """DPO and implicit-reward beta (section 4.1)"""
-    alpha: float = 1.0
-    """weight of the consistency loss in Eq. 7 (section 4.1)"""
-    tau: float = 0.7
-    """confidence threshold of Eq. 6 (section 4.1)"""
-    length_reg: float = 0.02
-    """alpha_l of the judge's length regularisation o' = o - alpha_l |y|, |y| in tokens (section 3.3, 4.1)"""
-    length_reg_from: int = 3
-    """first iteration (1 = M0 -> M1) that uses it: the third for Mistral-7B, the second for -Instruct (4.1)"""
-    warmup_ratio: float = 0.1
-    """linear warmup share of the steps, then cosine decay (cosine: section 4.1; the warmup is not given)"""
-    batch_size: int = 2
-    """pairs (or SFT sequences) per forward pass; a pair costs 2 policy sequences + 4 judge prompts"""
-    grad_accum: int = 16
-    """micro-batches per optimizer step: 2 x 16 = 32 pairs (not in the paper; CREAM's official batch)"""
-    max_grad_norm: float = 1.0
-    """gradient clipping (not in the paper; a common default)"""
-    score_batch_size: int = 16
-    """sequences per forward pass when scoring without gradients"""
-    seed: int = 42
-    """same seed, same run"""
-    dtype: str = "auto"
-    """'auto' = bfloat16 on a GPU (with stochastic-rounding AdamW), float32 on CPU; or 'bfloat16' / 'float32'"""
+    model: str = HfArg(default="mistralai/Mistral-7B-v0.3", help=(
+        "the base model: SFT starts here, and it is the global reference pi_ref^g of Eq. 4 (section 4.1)"))
+    data_dir: str = HfArg(default=None, help=(
+        "read sft.jsonl, judge.jsonl and prompts.jsonl from here instead of the Hub (see README)"))
+    output_dir: str = HfArg(default=None, help=(
+        "default runs/scir-<model name>; rerunning the same command resumes from what is there"))
+    demo: bool = HfArg(default=False, help=(
+        "offline smoke run: tiny random model, built-in data, small settings (explicit flags still win)"))
+    judge_sft_only: bool = HfArg(default=False, help=(
+        "SFT on the judge examples only, lr 1e-7, 1 epoch: the paper's path for an instruction-tuned model (4.1)"))
+    iterations: int = HfArg(default=3, help="iterations M0 -> M1 -> M2 -> M3 (section 4.1)")
+    num_prompts: int = HfArg(default=4000, help="fresh Alpaca prompts per iteration (section 4.1)")
+    num_samples: int = HfArg(default=4, help=(
+        "responses sampled per prompt; two picked at random form the unlabeled pair (section 4.1)"))
+    sft_examples: int = HfArg(default=5000, help=(
+        "Alpaca examples in the SFT data, besides LIMA's 1,030 (Appendix C.1)"))
+    judge_pairs: int = HfArg(default=500, help=(
+        "oasst2 preference pairs, each giving 4 judge examples: 2 templates x 2 orders (Appendix C.1)"))
+    temperature: float = HfArg(default=0.7, help="sampling temperature (section 4.1)")
+    top_p: float = HfArg(default=0.9, help="nucleus sampling (section 4.1)")
+    max_new_tokens: int = HfArg(default=1024, help=(
+        "longest sampled response (not in the paper; M3's AlpacaEval answers average ~1,900 characters)"))
+    max_length: int = HfArg(default=2048, help=(
+        "longest sequence: prompt + response, and every judge prompt (responses inside it are cut to fit)"))
+    sft_epochs: int = HfArg(default=5, help="SFT epochs (section 4.1; 1 with --judge_sft_only)")
+    sft_lr: float = HfArg(default=1e-6, help="SFT learning rate (section 4.1; 1e-7 with --judge_sft_only)")
+    epochs: int = HfArg(default=2, help="SCIR training epochs per iteration (section 4.1)")
+    lr: float = HfArg(default=5e-7, help="SCIR training learning rate (section 4.1)")
+    beta: float = HfArg(default=0.1, help="DPO and implicit-reward beta (section 4.1)")
+    alpha: float = HfArg(default=1.0, help="weight of the consistency loss in Eq. 7 (section 4.1)")
+    tau: float = HfArg(default=0.7, help="confidence threshold of Eq. 6 (section 4.1)")
+    length_reg: float = HfArg(default=0.02, help=(
+        "alpha_l of the judge's length regularisation o' = o - alpha_l |y|, |y| in tokens (section 3.3, 4.1)"))
+    length_reg_from: int = HfArg(default=3, help=(
+        "first iteration (1 = M0 -> M1) that uses it: the third for Mistral-7B, the second for -Instruct (4.1)"))
+    warmup_ratio: float = HfArg(default=0.1, help=(
+        "linear warmup share of the steps, then cosine decay (cosine: section 4.1; the warmup is not given)"))
+    batch_size: int = HfArg(default=2, help=(
+        "pairs (or SFT sequences) per forward pass; a pair costs 2 policy sequences + 4 judge prompts"))
+    grad_accum: int = HfArg(default=16, help=(
+        "micro-batches per optimizer step: 2 x 16 = 32 pairs (not in the paper; CREAM's official batch)"))
+    max_grad_norm: float = HfArg(default=1.0, help="gradient clipping (not in the paper; a common default)")
+    score_batch_size: int = HfArg(default=16, help="sequences per forward pass when scoring without gradients")
+    seed: int = HfArg(default=42, help="same seed, same run")
+    dtype: str = HfArg(default="auto", help=(
+        "'auto' = bfloat16 on a GPU (with stochastic-rounding AdamW), float32 on CPU; or 'bfloat16' / 'float32'"))
 
 
 # Settings --demo uses where the command line leaves the default: a 2-core CPU finishes in about a minute.
@@ -209,6 +196,8 @@ def torch_dtype(args):
 
 
 def load_tokenizer(path):
+    if str(path).startswith(("/", ".", "~")) and not Path(path).expanduser().exists():
+        fail(f"model {path!r}: no such folder")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except Exception as e:
