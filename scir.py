@@ -279,8 +279,8 @@ def sequence_logps(model, input_ids, attention_mask, response_mask):
 # --------------------------------------------------------------------------------------------------------
 def stochastic_round_to_bf16(x):
     """float32 [...] -> bfloat16 [...], rounded up with probability equal to the distance, so E[result] = x."""
-    bits = x.view(torch.int32) + torch.randint_like(x, 0, 1 << 16, dtype=torch.int32)
-    return (bits & -65536).view(torch.float32).to(torch.bfloat16)  # clearing the low 16 bits is exact in bf16
+    bits = x.view(torch.int32) + torch.randint_like(x, 0, 1 << 16, dtype=torch.int32)  # noise below bf16's last bit
+    return (bits >> 16).to(torch.int16).view(torch.bfloat16)  # the high 16 bits of a float32 are a bfloat16
 
 
 @torch.no_grad()
