@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, HfArgumentParser
+from transformers.generation.configuration_utils import ContinuousBatchingConfig
 from transformers.hf_argparser import HfArg
 
 from prompts import chat_prompt
@@ -56,9 +57,9 @@ class Args:
     beta: float = HfArg(default=0.1, help="DPO beta (section 4.1)")
     warmup_ratio: float = HfArg(default=0.1, help=(
         "linear warmup share of the steps, then cosine decay (section 4.1; cosine from the official code)"))
-    batch_size: int = HfArg(default=4, help="sequences (SFT) or pairs (DPO) per forward pass")
-    grad_accum: int = HfArg(default=8, help=(
-        "micro-batches per optimizer step: 4 x 8 = 32, the official code's batch"))
+    batch_size: int = HfArg(default=2, help="sequences (SFT) or pairs (DPO) per forward pass")
+    grad_accum: int = HfArg(default=16, help=(
+        "micro-batches per optimizer step: 2 x 16 = 32, the official code's batch"))
     max_grad_norm: float = HfArg(default=1.0, help="gradient clipping (official code)")
     score_batch_size: int = HfArg(default=16, help=(
         "sequences per forward pass when scoring log-probs (inference only)"))
@@ -203,14 +204,15 @@ def save_model(model, tokenizer, path, summary):
     """save_pretrained into a temporary folder, then rename: a folder M<k> is always complete."""
     tmp = Path(f"{path}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
+    model.config.use_cache = True  # training turned it off; a saved model is for generation
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     (tmp / "training_summary.json").write_text(json.dumps(summary, indent=1))
     os.replace(tmp, path)
 
 
-def encode(tokenizer, prompt, response=None, finished=True):
-    """Token ids of the chat-formatted prompt, and of the response followed by EOS when it ended there.
+def encode(tokenizer, prompt, response=None):
+    """Token ids of the chat-formatted prompt and, for SFT data, of the response followed by EOS.
 
     The response is tokenized together with its prompt, as the model saw it while sampling: tokenizers that add a
     prefix space (SentencePiece) or merge across the boundary would give other ids for the response alone.
@@ -224,7 +226,7 @@ def encode(tokenizer, prompt, response=None, finished=True):
         response_ids = joint_ids[len(prompt_ids):]
     else:
         response_ids = tokenizer(response, add_special_tokens=False).input_ids
-    return prompt_ids, response_ids + ([tokenizer.eos_token_id] if finished else [])
+    return prompt_ids, response_ids + [tokenizer.eos_token_id]
 
 
 def collate(sequences, pad_id):
@@ -266,22 +268,29 @@ def stochastic_round_to_bf16(x):
 
 
 @torch.no_grad()
-def adamw_step(params, state, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
-    """One AdamW step (Loshchilov & Hutter) per tensor in float32; m and v are stored in the parameter's dtype."""
+def adamw_step(params, state, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, slice_size=1 << 25):
+    """One AdamW step (Loshchilov & Hutter) in float32; m and v are stored in the parameter's dtype.
+
+    Each tensor is updated in flat slices, so the float32 temporaries stay small even for a 128K-row embedding.
+    """
     state["step"] = step = state.get("step", 0) + 1
     for p in params:
         if p.grad is None:
             continue
+        if p not in state:
+            state[p] = (torch.zeros_like(p), torch.zeros_like(p))
         store = (lambda dst, src: dst.copy_(stochastic_round_to_bf16(src))) if p.dtype == torch.bfloat16 \
             else (lambda dst, src: dst.copy_(src))
-        m, v = state.setdefault(p, (torch.zeros_like(p), torch.zeros_like(p)))
-        grad = p.grad.float()
-        m32 = m.float().lerp_(grad, 1 - betas[0])
-        v32 = v.float().mul_(betas[1]).addcmul_(grad, grad, value=1 - betas[1])
-        weight = p.float().mul_(1 - lr * weight_decay)
-        denom = (v32 / (1 - betas[1] ** step)).sqrt_().add_(eps)
-        weight.addcdiv_(m32, denom, value=-lr / (1 - betas[0] ** step))
-        store(p, weight), store(m, m32), store(v, v32)
+        flat = [t.view(-1) for t in (p, p.grad, *state[p])]
+        for start in range(0, p.numel(), slice_size):
+            weight, grad, m, v = (t[start: start + slice_size] for t in flat)
+            grad = grad.float()
+            m32 = m.float().lerp_(grad, 1 - betas[0])
+            v32 = v.float().mul_(betas[1]).addcmul_(grad, grad, value=1 - betas[1])
+            weight32 = weight.float().mul_(1 - lr * weight_decay)
+            denom = (v32 / (1 - betas[1] ** step)).sqrt_().add_(eps)
+            weight32.addcdiv_(m32, denom, value=-lr / (1 - betas[0] ** step))
+            store(weight, weight32), store(m, m32), store(v, v32)
 
 
 def learning_rate(step, total_steps, peak, warmup_ratio):
@@ -305,7 +314,8 @@ def train(model, batches, loss_fn, lr, args, desc):
         metrics = loss_fn(model, batches[i])
         if not torch.isfinite(metrics["loss"]):
             fail(f"{desc}: the loss became {metrics['loss'].item()} at micro-batch {i}; saved models are intact")
-        (metrics["loss"] / args.grad_accum).backward()
+        group_start = i - i % args.grad_accum  # the last step may have fewer micro-batches
+        (metrics["loss"] / min(args.grad_accum, len(batches) - group_start)).backward()
         if (i + 1) % args.grad_accum == 0 or i + 1 == len(batches):
             torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
             adamw_step(params, state, learning_rate(i // args.grad_accum, total_steps, lr, args.warmup_ratio))
@@ -348,6 +358,7 @@ def run_sft(args, tokenizer, sft_rows, out):
     batches = [collate(b, tokenizer.pad_token_id) for epoch in range(args.sft_epochs)
                for b in micro_batches(examples, args.batch_size, args.seed + epoch)]
     model = load_model(args.model, args)
+    torch.manual_seed(args.seed)  # stochastic rounding draws from it
     summary = train(model, batches, sft_loss, args.sft_lr, args, "SFT M0 -> M1")
     summary.update(examples=len(examples), skipped_too_long=len(sft_rows) - len(examples))
     save_model(model, tokenizer, out / "M1", summary)
@@ -357,30 +368,37 @@ def run_sft(args, tokenizer, sft_rows, out):
 # --------------------------------------------------------------------------------------------------------
 # Algorithm 1 line 5: sample N responses per prompt from M_t
 # --------------------------------------------------------------------------------------------------------
+def cache_config(model, num_requests, longest):
+    """generate_batch sizes its paged KV cache from free GPU memory; on CPU (~15 GB) size it to the work instead."""
+    if model.device.type != "cpu":
+        return None
+    return ContinuousBatchingConfig(num_blocks=num_requests * math.ceil(longest / 256), max_batch_tokens=512)
+
+
 @torch.no_grad()
 def sample_responses(model, tokenizer, prompts, args):
     """N samples per prompt with continuous batching (`generate_batch`: a paged KV cache, no padding)."""
     if model.device.type == "cpu":  # it logs that psutil is missing on every CPU call
         logging.getLogger("ContinuousBatchingLogger").setLevel(logging.CRITICAL)
-    eos_ids = set(tokenizer.convert_tokens_to_ids(tokenizer.all_special_tokens)) & (
-        {tokenizer.eos_token_id} | set(model.generation_config.eos_token_id or []
-                                       if isinstance(model.generation_config.eos_token_id, list)
-                                       else [model.generation_config.eos_token_id]))
+    model_eos = model.generation_config.eos_token_id  # Llama-3-Instruct: <|end_of_text|> and <|eot_id|>
+    eos_ids = {tokenizer.eos_token_id} | set(model_eos if isinstance(model_eos, list) else [model_eos] if model_eos else [])
     config = GenerationConfig(do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=0,
                               max_new_tokens=args.max_new_tokens, num_return_sequences=args.num_samples,
                               eos_token_id=sorted(eos_ids), pad_token_id=tokenizer.pad_token_id)
-    outputs = model.generate_batch(inputs=[encode(tokenizer, p) for p in prompts], generation_config=config,
-                                   progress_bar=True)
+    inputs = [encode(tokenizer, p) for p in prompts]
+    outputs = model.generate_batch(inputs=inputs, generation_config=config, progress_bar=True, continuous_batching_config=
+                                   cache_config(model, len(inputs) * args.num_samples, max(map(len, inputs)) + args.max_new_tokens))
     if len(outputs) != len(prompts) * args.num_samples:
         fail(f"generation returned {len(outputs)} of {len(prompts) * args.num_samples} responses")
-    # children come before their parent request: regroup by the prompt index in the request id
-    grouped = [[] for _ in prompts]
+    grouped = [[] for _ in prompts]  # request ids are req_<prompt index>[__child#k]
     for request_id, output in outputs.items():
+        if output.error is not None:
+            fail(f"generation failed for request {request_id}: {output.error}")
         tokens = list(output.generated_tokens)
         finished = bool(tokens) and tokens[-1] in eos_ids
         grouped[int(request_id.split("__")[0].removeprefix("req_"))].append(
             {"response": tokenizer.decode(tokens[:-1] if finished else tokens, skip_special_tokens=True),
-             "finished": finished, "tokens": len(tokens)})
+             "token_ids": tokens, "finished": finished})  # the ids as sampled, stop token included
     return grouped
 
 
@@ -396,12 +414,11 @@ def run_sampling(args, tokenizer, pool, t, out):
 # Algorithm 1 lines 6-9: log pi(y|x) of every sample under pi_t, pi_{t-1} and pi_0, one model at a time
 # --------------------------------------------------------------------------------------------------------
 def sample_sequences(tokenizer, samples_rows, max_length):
-    """Every (prompt_ids, response_ids) of an iteration, in order, the response cut to fit max_length."""
+    """Every (prompt_ids, response_ids) of an iteration, in order: the sampled ids, cut to fit max_length."""
     sequences = []
     for row in samples_rows:
-        for s in row["samples"]:
-            prompt_ids, response_ids = encode(tokenizer, row["prompt"], s["response"], s["finished"])
-            sequences.append((prompt_ids, response_ids[: max_length - len(prompt_ids)]))
+        prompt_ids = encode(tokenizer, row["prompt"])
+        sequences += [(prompt_ids, s["token_ids"][: max_length - len(prompt_ids)]) for s in row["samples"]]
     return sequences
 
 
@@ -485,11 +502,10 @@ def build_pairs(samples_rows, reward_rows, consistency, scope):
         best, worst = int(r.argmax()), int(r.argmin())
         if r[best] == r[worst]:
             continue
-        pairs.append({"id": row["id"], "prompt": row["prompt"],
-                      "chosen": row["samples"][best]["response"], "chosen_finished": row["samples"][best]["finished"],
-                      "rejected": row["samples"][worst]["response"],
-                      "rejected_finished": row["samples"][worst]["finished"],
-                      "ref_chosen_logp": rewards["logps_t"][best], "ref_rejected_logp": rewards["logps_t"][worst],
+        chosen, rejected = row["samples"][best], row["samples"][worst]
+        pairs.append({"id": row["id"], "prompt": row["prompt"], "chosen": chosen["response"],
+                      "rejected": rejected["response"], "chosen_ids": chosen["token_ids"],
+                      "rejected_ids": rejected["token_ids"], "ref_chosen_logp": rewards["logps_t"][best], "ref_rejected_logp": rewards["logps_t"][worst],
                       "consistency": consistency if scope == "dataset" else (rewards["tau"] + 1) / 2})
     return pairs
 
@@ -509,7 +525,7 @@ def soft_dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, 
 def dpo_batch_loss(args, tokenizer):
     def loss_fn(model, batch):
         """Chosen and rejected of a micro-batch stacked into one forward pass (2B sequences)."""
-        sequences = [p["chosen_ids"] for p in batch] + [p["rejected_ids"] for p in batch]
+        sequences = [p["chosen_sequence"] for p in batch] + [p["rejected_sequence"] for p in batch]
         input_ids, attention_mask, labels = (t.to(model.device) for t in collate(sequences, tokenizer.pad_token_id))
         logps = sequence_logps(model, input_ids, attention_mask, labels != -100)
         chosen, rejected = logps.split(len(batch))
@@ -525,10 +541,10 @@ def dpo_batch_loss(args, tokenizer):
 def run_preference_training(args, tokenizer, pairs, t, out):
     examples = []
     for pair in pairs:
-        prompt_ids, chosen_ids = encode(tokenizer, pair["prompt"], pair["chosen"], pair["chosen_finished"])
-        _, rejected_ids = encode(tokenizer, pair["prompt"], pair["rejected"], pair["rejected_finished"])
+        prompt_ids = encode(tokenizer, pair["prompt"])
         room = args.max_length - len(prompt_ids)  # the same cut as when the reference log-probs were scored
-        examples.append(dict(pair, chosen_ids=(prompt_ids, chosen_ids[:room]), rejected_ids=(prompt_ids, rejected_ids[:room])))
+        examples.append(dict(pair, chosen_sequence=(prompt_ids, pair["chosen_ids"][:room]),
+                             rejected_sequence=(prompt_ids, pair["rejected_ids"][:room])))
     batches = [b for epoch in range(args.epochs) for b in micro_batches(examples, args.batch_size, args.seed + t + epoch)]
     model = load_model(out / f"M{t}", args)
     torch.manual_seed(args.seed + 1000 * t + 1)
@@ -611,6 +627,19 @@ def parse_args(argv=None):
     return args
 
 
+def check_same_settings(out, args):
+    """Resuming is only sound with the settings that made the files: refuse a folder made with other ones."""
+    path = out / "args.json"
+    current = {k: v for k, v in asdict(args).items() if k != "output_dir"}
+    if path.exists():
+        saved = json.loads(path.read_text())
+        changed = [f"--{k} {saved.get(k)!r} (now {v!r})" for k, v in current.items() if saved.get(k) != v]
+        if changed:
+            fail(f"{out} holds a run made with other settings: {', '.join(changed)}; "
+                 f"rerun with those or use a new --output_dir")
+    path.write_text(json.dumps(asdict(args), indent=1))
+
+
 def print_table(rows):
     columns = ["iteration", "consistency", "kendall", "spearman", "top_order", "pairs", "skipped", "loss",
                "reward_accuracy", "reward_margin", "response_length"]
@@ -631,7 +660,7 @@ def main(argv=None):
     if per_iteration == 0:
         fail(f"{len(prompt_rows)} prompts cannot be shared by {args.iterations} iterations")
     tokenizer = load_tokenizer(args.model)
-    (out / "args.json").write_text(json.dumps(asdict(args), indent=1))
+    check_same_settings(out, args)  # from here on files are written
 
     if not (out / "M1").exists():  # Algorithm 1 line 2
         if args.sft_epochs == 0:  # no SFT: M1 is M0 as given
@@ -660,6 +689,8 @@ def main(argv=None):
             rows = cached_jsonl(it / f"logps_{name}.jsonl", lambda: [
                 {"logp": v} for v in score_logps(path, sequences, tokenizer, args, f"log-probs under {path}")])
             logps[name] = [row["logp"] for row in rows]
+            if len(rows) != len(sequences):
+                fail(f"{it / f'logps_{name}.jsonl'} does not match {it / 'samples.jsonl'}: delete {it} to recompute")
         reward_rows = cached_jsonl(it / "rewards.jsonl", lambda: rewards_and_consistency(  # lines 6-10
             samples, logps["t"], logps.get("prev"), logps["0"], t))
         consistency = consistency_rate([row["tau"] for row in reward_rows])  # line 11
@@ -675,7 +706,7 @@ def main(argv=None):
                         "spearman": mean("spearman"), "top_order": mean("top_order"), "pairs": len(pairs),
                         "skipped": len(samples) - len(pairs), "too_long": too_long, "loss": summary["loss"],
                         "reward_accuracy": summary["reward_accuracy"], "reward_margin": summary["reward_margin"],
-                        "response_length": sum(s["tokens"] for row in samples for s in row["samples"])
+                        "response_length": sum(len(s["token_ids"]) for row in samples for s in row["samples"])
                         / sum(len(row["samples"]) for row in samples)})
         write_jsonl(out / "metrics.jsonl", metrics)
     print_table(metrics)

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, HfArgumentParser
+from transformers.generation.configuration_utils import ContinuousBatchingConfig
 from transformers.hf_argparser import HfArg
 
 from prompts import ANSWER_PREFIX, chat_prompt, identifier_token_ids, judge_prompts
@@ -34,6 +35,8 @@ from prompts import ANSWER_PREFIX, chat_prompt, identifier_token_ids, judge_prom
 class Args:
     model: str = HfArg(default="mistralai/Mistral-7B-v0.3", help=(
         "the base model: SFT starts here, and it is the global reference pi_ref^g of Eq. 4 (section 4.1)"))
+    global_reference: str = HfArg(default=None, help=(
+        "pi_ref^g of Eq. 4 and Appendix A; default --model (for the -Instruct run the paper names Mistral-7B)"))
     data_dir: str = HfArg(default=None, help=(
         "read sft.jsonl, judge.jsonl and prompts.jsonl from here instead of the Hub (see README)"))
     output_dir: str = HfArg(default=None, help=(
@@ -85,7 +88,7 @@ DEMO = dict(iterations=3, num_prompts=8, num_samples=4, sft_examples=16, judge_p
             max_length=640, sft_epochs=3, sft_lr=3e-3, lr=3e-4, epochs=1, length_reg_from=3, batch_size=2,
             grad_accum=2, score_batch_size=16, dtype="float32")
 # --judge_sft_only changes these defaults the same way (section 4.1)
-JUDGE_SFT_ONLY = dict(sft_epochs=1, sft_lr=1e-7)
+JUDGE_SFT_ONLY = dict(sft_epochs=1, sft_lr=1e-7, length_reg_from=2)
 
 
 def fail(message):
@@ -150,9 +153,9 @@ def load_hub_data(args):
     alpaca = [{"prompt": r["instruction"] + (f"\n\n{r['input']}" if r["input"].strip() else ""),
                "response": r["output"]} for r in load("tatsu-lab/alpaca")]
     random.Random(args.seed).shuffle(alpaca)
-    sft = alpaca[: args.sft_examples]
-    if not args.judge_sft_only:  # LIMA's first exchange (30 of 1,030 rows have more turns)
-        sft += [{"prompt": r["conversations"][0], "response": r["conversations"][1]}
+    sft = []  # --judge_sft_only: the judge examples alone (section 4.1)
+    if not args.judge_sft_only:  # Alpaca, and LIMA's first exchange (30 of 1,030 rows have more turns)
+        sft = alpaca[: args.sft_examples] + [{"prompt": r["conversations"][0], "response": r["conversations"][1]}
                 for r in load("GAIR/lima", revision="refs/convert/parquet") if len(r["conversations"]) >= 2]
     judge = [{"prompt": r["prompt"].removeprefix("prompter: ").strip(), "chosen": r["chosen"], "rejected": r["rejected"]}
              for r in load("monology/oasst2_dpo") if r["lang"] == "en" and "\nassistant: " not in r["prompt"]]
@@ -177,12 +180,15 @@ def load_data(args):
 
 
 def judge_sft_examples(judge_rows, count, seed):
-    """Each preference pair gives 4 examples (2 templates x 2 orders) whose target names the better response."""
+    """Each preference pair gives 4 examples (2 templates x 2 orders) whose target names the better response.
+
+    The prompt ends in '[[' and the target is 'm]]' or 'M]]': the same tokens as at the judge's answer position.
+    """
     rows = random.Random(seed).sample(judge_rows, min(count, len(judge_rows)))
     examples = []
     for row in rows:
         for text, id_of_chosen in judge_prompts(row["prompt"], row["chosen"], row["rejected"]):
-            examples.append({"prompt": text, "response": f"{ANSWER_PREFIX}{id_of_chosen}]]"})
+            examples.append({"prompt": text, "answer_prefix": ANSWER_PREFIX, "response": f"{id_of_chosen}]]"})
     return examples
 
 
@@ -221,19 +227,20 @@ def save_model(model, tokenizer, path, summary):
     """save_pretrained into a temporary folder, then rename: a folder M<k> is always complete."""
     tmp = Path(f"{path}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
+    model.config.use_cache = True  # training turned it off; a saved model is for generation
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     (tmp / "training_summary.json").write_text(json.dumps(summary, indent=1))
     os.replace(tmp, path)
 
 
-def encode(tokenizer, prompt, response=None, finished=True):
-    """Token ids of the chat-formatted prompt, and of the response followed by EOS when it ended there.
+def encode(tokenizer, prompt, response=None, answer_prefix=""):
+    """Token ids of the chat-formatted prompt (+ answer_prefix) and, for SFT data, of the response followed by EOS.
 
-    The response is tokenized together with its prompt, as the model saw it while sampling: tokenizers that add a
-    prefix space (SentencePiece) or merge across the boundary would give other ids for the response alone.
+    The response is tokenized together with its prompt, as the model sees it when generating: tokenizers that add
+    a prefix space (SentencePiece) or merge across the boundary would give other ids for the response alone.
     """
-    text = chat_prompt(tokenizer, prompt)
+    text = chat_prompt(tokenizer, prompt) + answer_prefix
     prompt_ids = tokenizer(text, add_special_tokens=False).input_ids
     if response is None:
         return prompt_ids
@@ -242,7 +249,7 @@ def encode(tokenizer, prompt, response=None, finished=True):
         response_ids = joint_ids[len(prompt_ids):]
     else:
         response_ids = tokenizer(response, add_special_tokens=False).input_ids
-    return prompt_ids, response_ids + ([tokenizer.eos_token_id] if finished else [])
+    return prompt_ids, response_ids + [tokenizer.eos_token_id]
 
 
 def collate(sequences, pad_id):
@@ -284,22 +291,29 @@ def stochastic_round_to_bf16(x):
 
 
 @torch.no_grad()
-def adamw_step(params, state, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
-    """One AdamW step (Loshchilov & Hutter) per tensor in float32; m and v are stored in the parameter's dtype."""
+def adamw_step(params, state, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, slice_size=1 << 25):
+    """One AdamW step (Loshchilov & Hutter) in float32; m and v are stored in the parameter's dtype.
+
+    Each tensor is updated in flat slices, so the float32 temporaries stay small even for a 128K-row embedding.
+    """
     state["step"] = step = state.get("step", 0) + 1
     for p in params:
         if p.grad is None:
             continue
+        if p not in state:
+            state[p] = (torch.zeros_like(p), torch.zeros_like(p))
         store = (lambda dst, src: dst.copy_(stochastic_round_to_bf16(src))) if p.dtype == torch.bfloat16 \
             else (lambda dst, src: dst.copy_(src))
-        m, v = state.setdefault(p, (torch.zeros_like(p), torch.zeros_like(p)))
-        grad = p.grad.float()
-        m32 = m.float().lerp_(grad, 1 - betas[0])
-        v32 = v.float().mul_(betas[1]).addcmul_(grad, grad, value=1 - betas[1])
-        weight = p.float().mul_(1 - lr * weight_decay)
-        denom = (v32 / (1 - betas[1] ** step)).sqrt_().add_(eps)
-        weight.addcdiv_(m32, denom, value=-lr / (1 - betas[0] ** step))
-        store(p, weight), store(m, m32), store(v, v32)
+        flat = [t.view(-1) for t in (p, p.grad, *state[p])]
+        for start in range(0, p.numel(), slice_size):
+            weight, grad, m, v = (t[start: start + slice_size] for t in flat)
+            grad = grad.float()
+            m32 = m.float().lerp_(grad, 1 - betas[0])
+            v32 = v.float().mul_(betas[1]).addcmul_(grad, grad, value=1 - betas[1])
+            weight32 = weight.float().mul_(1 - lr * weight_decay)
+            denom = (v32 / (1 - betas[1] ** step)).sqrt_().add_(eps)
+            weight32.addcdiv_(m32, denom, value=-lr / (1 - betas[0] ** step))
+            store(weight, weight32), store(m, m32), store(v, v32)
 
 
 def learning_rate(step, total_steps, peak, warmup_ratio):
@@ -323,7 +337,8 @@ def train(model, batches, loss_fn, lr, args, desc):
         metrics = loss_fn(model, batches[i])
         if not torch.isfinite(metrics["loss"]):
             fail(f"{desc}: the loss became {metrics['loss'].item()} at micro-batch {i}; saved models are intact")
-        (metrics["loss"] / args.grad_accum).backward()
+        group_start = i - i % args.grad_accum  # the last step may have fewer micro-batches
+        (metrics["loss"] / min(args.grad_accum, len(batches) - group_start)).backward()
         if (i + 1) % args.grad_accum == 0 or i + 1 == len(batches):
             torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
             adamw_step(params, state, learning_rate(i // args.grad_accum, total_steps, lr, args.warmup_ratio))
@@ -358,7 +373,7 @@ def run_sft(args, tokenizer, sft_rows, judge_rows, out):
     rows = sft_rows + judge_sft_examples(judge_rows, args.judge_pairs, args.seed)
     examples = []
     for row in rows:
-        prompt_ids, response_ids = encode(tokenizer, row["prompt"], row["response"])
+        prompt_ids, response_ids = encode(tokenizer, row["prompt"], row["response"], row.get("answer_prefix", ""))
         if len(prompt_ids) < args.max_length - 1:  # keep the prompt whole, cut the response to fit
             examples.append((prompt_ids, response_ids[: args.max_length - len(prompt_ids)]))
     if not examples:
@@ -366,6 +381,7 @@ def run_sft(args, tokenizer, sft_rows, judge_rows, out):
     batches = [collate(b, tokenizer.pad_token_id) for epoch in range(args.sft_epochs)
                for b in micro_batches(examples, args.batch_size, args.seed + epoch)]
     model = load_model(args.model, args)
+    torch.manual_seed(args.seed)  # stochastic rounding draws from it
     summary = train(model, batches, sft_loss, args.sft_lr, args, "SFT -> M0")
     summary.update(examples=len(examples), skipped_too_long=len(rows) - len(examples))
     save_model(model, tokenizer, out / "M0", summary)
@@ -375,6 +391,13 @@ def run_sft(args, tokenizer, sft_rows, judge_rows, out):
 # --------------------------------------------------------------------------------------------------------
 # Section 4.1: M_t samples 4 responses per prompt; two picked at random form an unlabeled pair
 # --------------------------------------------------------------------------------------------------------
+def cache_config(model, num_requests, longest):
+    """generate_batch sizes its paged KV cache from free GPU memory; on CPU (~15 GB) size it to the work instead."""
+    if model.device.type != "cpu":
+        return None
+    return ContinuousBatchingConfig(num_blocks=num_requests * math.ceil(longest / 256), max_batch_tokens=512)
+
+
 @torch.no_grad()
 def sample_responses(model, tokenizer, prompts, args):
     """N samples per prompt with continuous batching (`generate_batch`: a paged KV cache, no padding)."""
@@ -385,17 +408,20 @@ def sample_responses(model, tokenizer, prompts, args):
     config = GenerationConfig(do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=0,
                               max_new_tokens=args.max_new_tokens, num_return_sequences=args.num_samples,
                               eos_token_id=sorted(eos_ids), pad_token_id=tokenizer.pad_token_id)
-    outputs = model.generate_batch(inputs=[encode(tokenizer, p) for p in prompts], generation_config=config,
-                                   progress_bar=True)
+    inputs = [encode(tokenizer, p) for p in prompts]
+    outputs = model.generate_batch(inputs=inputs, generation_config=config, progress_bar=True, continuous_batching_config=
+                                   cache_config(model, len(inputs) * args.num_samples, max(map(len, inputs)) + args.max_new_tokens))
     if len(outputs) != len(prompts) * args.num_samples:
         fail(f"generation returned {len(outputs)} of {len(prompts) * args.num_samples} responses")
     grouped = [[] for _ in prompts]  # request ids are req_<prompt index>[__child#k]
     for request_id, output in outputs.items():
+        if output.error is not None:
+            fail(f"generation failed for request {request_id}: {output.error}")
         tokens = list(output.generated_tokens)
         finished = bool(tokens) and tokens[-1] in eos_ids
         grouped[int(request_id.split("__")[0].removeprefix("req_"))].append(
             {"response": tokenizer.decode(tokens[:-1] if finished else tokens, skip_special_tokens=True),
-             "finished": finished, "tokens": len(tokens)})
+             "token_ids": tokens, "finished": finished})  # the ids as sampled, stop token included
     return grouped
 
 
@@ -428,7 +454,8 @@ def implicit_preference(policy_logps_1, policy_logps_2, ref_logps_1, ref_logps_2
 def judge_probability(logit_first, logit_second, len_first, len_second, alpha_l):
     """P(the response shown first wins): the two identifiers' logits renormalised, each minus alpha_l |y| (3.3).
 
-    [B] x4 -> [B]; softmax over two logits is the sigmoid of their difference.
+    [B] x4 -> [B]. Renormalising over {m, M} makes P and Q two Bernoulli distributions for Eq. 6; a softmax over
+    two logits is the sigmoid of their difference.
     """
     return torch.sigmoid((logit_first - alpha_l * len_first) - (logit_second - alpha_l * len_second))
 
@@ -438,13 +465,12 @@ def judge_inputs(tokenizer, instruction, response_1, response_2, max_length):
 
     Returns [(ids, y1_shown_first)] for the 4 prompts (2 templates x 2 orders, prompts.judge_prompts).
     """
-    overhead = max(len(encode(tokenizer, text)) for text, _ in judge_prompts(instruction, "", ""))
-    room = max(1, (max_length - overhead - len(tokenizer(ANSWER_PREFIX, add_special_tokens=False).input_ids)) // 2)
+    overhead = max(len(encode(tokenizer, text, answer_prefix=ANSWER_PREFIX)) for text, _ in judge_prompts(instruction, "", ""))
+    room = max(1, (max_length - overhead) // 2)
     cut = [tokenizer.decode(tokenizer(r, add_special_tokens=False).input_ids[:room]) for r in (response_1, response_2)]
     inputs = []
     for text, id_of_response_1 in judge_prompts(instruction, *cut):
-        ids = tokenizer(chat_prompt(tokenizer, text) + ANSWER_PREFIX, add_special_tokens=False).input_ids
-        inputs.append((ids[-max_length:], id_of_response_1 == "m"))
+        inputs.append((encode(tokenizer, text, answer_prefix=ANSWER_PREFIX)[-max_length:], id_of_response_1 == "m"))
     return inputs
 
 
@@ -554,12 +580,9 @@ def scir_loss(policy_logps_1, policy_logps_2, global_ref_logps_1, global_ref_log
 
 
 def pair_sequences(tokenizer, pair, max_length):
-    """(prompt_ids, response_ids) of y1 and y2, cut to max_length the same way for scoring and training."""
-    out = []
-    for key in ("response_1", "response_2"):
-        prompt_ids, response_ids = encode(tokenizer, pair["prompt"], pair[key]["response"], pair[key]["finished"])
-        out.append((prompt_ids, response_ids[: max_length - len(prompt_ids)]))
-    return out
+    """(prompt_ids, sampled response ids) of y1 and y2, cut to max_length the same way for scoring and training."""
+    prompt_ids = encode(tokenizer, pair["prompt"])
+    return [(prompt_ids, pair[key]["token_ids"][: max_length - len(prompt_ids)]) for key in ("response_1", "response_2")]
 
 
 def pair_forward(model, tokenizer, batch, args, identifier_ids, alpha_l):
@@ -570,7 +593,8 @@ def pair_forward(model, tokenizer, batch, args, identifier_ids, alpha_l):
     p_grm = generative_preference(model, tokenizer, [p["prompt"] for p in batch],
                                   [p["response_1"]["response"] for p in batch], [p["response_2"]["response"] for p in batch],
                                   identifier_ids, alpha_l, args.max_length,
-                                  [p["response_1"]["tokens"] for p in batch], [p["response_2"]["tokens"] for p in batch])
+                                  [len(p["response_1"]["token_ids"]) for p in batch],
+                                  [len(p["response_2"]["token_ids"]) for p in batch])
     return logps[:, 0], logps[:, 1], p_grm
 
 
@@ -582,7 +606,7 @@ def scir_batch_loss(args, tokenizer, identifier_ids, alpha_l):
                           ref("local_logp_2"), p_grm, args.beta, args.alpha, args.tau)
         agree = terms["agree"]
         return {"loss": terms["loss"].mean(), "consistency_loss": terms["consistency_loss"].mean().detach(),
-                "dpo_loss": (agree * terms["dpo_loss"]).sum().detach() / agree.sum().clamp(min=1),
+                "dpo_loss": (agree * terms["dpo_loss"]).mean().detach(),  # Eq. 7's DPO term, 0 where they disagree
                 "dcpo_fraction": agree.mean()}
     return loss_fn
 
@@ -602,8 +626,8 @@ def score_pairs(model_path_or_model, tokenizer, pairs, args, identifier_ids, alp
             q = generative_preference(model, tokenizer, [p["prompt"] for p in batch],
                                       [p["response_1"]["response"] for p in batch],
                                       [p["response_2"]["response"] for p in batch], identifier_ids, alpha_l,
-                                      args.max_length, [p["response_1"]["tokens"] for p in batch],
-                                      [p["response_2"]["tokens"] for p in batch]).tolist()
+                                      args.max_length, [len(p["response_1"]["token_ids"]) for p in batch],
+                                      [len(p["response_2"]["token_ids"]) for p in batch]).tolist()
         for k, (l1, l2) in enumerate(logps):
             results.append({"logp_1": l1, "logp_2": l2} | ({"q": q[k]} if with_judge else {}))
     return results
@@ -614,10 +638,13 @@ def run_scir_training(args, tokenizer, samples, t, out, identifier_ids):
     it = out / f"iter{t + 1}"
     alpha_l = args.length_reg if t + 1 >= args.length_reg_from else 0.0
     pairs = [dict(row, sequences=pair_sequences(tokenizer, row, args.max_length)) for row in samples]
+    global_path = args.global_reference or args.model
     global_ref = cached_jsonl(it / "logps_global.jsonl", lambda: score_pairs(
-        args.model, tokenizer, pairs, args, identifier_ids, alpha_l, f"global reference {args.model}", False))
+        global_path, tokenizer, pairs, args, identifier_ids, alpha_l, f"global reference {global_path}", False))
     start = cached_jsonl(it / "start.jsonl", lambda: score_pairs(
         out / f"M{t}", tokenizer, pairs, args, identifier_ids, alpha_l, f"local reference M{t}, judge"))
+    if not len(pairs) == len(global_ref) == len(start):
+        fail(f"{it} holds reference log-probs of other pairs than {it / 'samples.jsonl'}: delete {it} to recompute")
     for pair, g, s in zip(pairs, global_ref, start):
         pair.update(global_logp_1=g["logp_1"], global_logp_2=g["logp_2"], local_logp_1=s["logp_1"],
                     local_logp_2=s["logp_2"])
@@ -724,6 +751,19 @@ def parse_args(argv=None):
     return args
 
 
+def check_same_settings(out, args):
+    """Resuming is only sound with the settings that made the files: refuse a folder made with other ones."""
+    path = out / "args.json"
+    current = {k: v for k, v in asdict(args).items() if k != "output_dir"}
+    if path.exists():
+        saved = json.loads(path.read_text())
+        changed = [f"--{k} {saved.get(k)!r} (now {v!r})" for k, v in current.items() if saved.get(k) != v]
+        if changed:
+            fail(f"{out} holds a run made with other settings: {', '.join(changed)}; "
+                 f"rerun with those or use a new --output_dir")
+    path.write_text(json.dumps(asdict(args), indent=1))
+
+
 def print_table(rows):
     columns = ["iteration", "consistency_rate", "dcpo_fraction", "loss", "consistency_loss", "dpo_loss",
                "response_length"]
@@ -751,7 +791,7 @@ def main(argv=None):
         identifier_ids = identifier_token_ids(tokenizer)
     except ValueError as e:
         fail(str(e))
-    (out / "args.json").write_text(json.dumps(asdict(args), indent=1))
+    check_same_settings(out, args)  # from here on files are written
 
     if not (out / "M0").exists():
         if args.sft_epochs == 0:  # no SFT: M0 is the model as given
@@ -778,7 +818,7 @@ def main(argv=None):
         metrics.append({"iteration": t + 1, "consistency_rate": summary["consistency_rate"],
                         "dcpo_fraction": summary["dcpo_fraction"], "loss": summary["loss"],
                         "consistency_loss": summary["consistency_loss"], "dpo_loss": summary["dpo_loss"],
-                        "response_length": sum(s["tokens"] for row in samples for s in row["samples"])
+                        "response_length": sum(len(s["token_ids"]) for row in samples for s in row["samples"])
                         / sum(len(row["samples"]) for row in samples), "pairs": len(samples), "too_long": too_long})
         write_jsonl(out / "metrics.jsonl", metrics)
     print_table(metrics)
