@@ -86,12 +86,14 @@ def fail(message):
 # --------------------------------------------------------------------------------------------------------
 def read_jsonl(path, required):
     rows = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, "rb") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                row = json.loads(line.decode("utf-8"))
+            except UnicodeDecodeError:
+                fail(f"{path}:{number}: not UTF-8 text")
             except json.JSONDecodeError as e:
                 fail(f"{path}:{number}: not valid JSON ({e.msg})")
             if not isinstance(row, dict) or any(not isinstance(row.get(k), str) for k in required):
@@ -454,7 +456,7 @@ def average_ranks(x):
     """[N] -> [N] ranks from 1, ties sharing their mean rank."""
     less = (x[None, :] < x[:, None]).sum(1)
     equal = (x[None, :] == x[:, None]).sum(1)
-    return less + (equal + 1) / 2
+    return less.double() + (equal + 1) / 2
 
 
 def spearman_rho(x, y):
@@ -603,7 +605,11 @@ def build_demo(out):
 # The loop: M0 -SFT-> M1 -CREAM-> M2 -CREAM-> M3 ...
 # --------------------------------------------------------------------------------------------------------
 def parse_args(argv=None):
-    args = HfArgumentParser(Args).parse_args_into_dataclasses(args=argv)[0]
+    parser = HfArgumentParser(Args)
+    parser.allow_abbrev = False  # --num_sample is a typo, not --num_samples
+    args, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    if unknown:
+        fail(f"unknown argument {unknown[0]!r} (see --help)")
     if args.demo:
         defaults = {f.name: f.default for f in fields(Args)}
         for name, value in DEMO.items():
@@ -622,6 +628,8 @@ def parse_args(argv=None):
         fail(f"--dtype must be auto, bfloat16 or float32, got {args.dtype!r}")
     if args.sft_epochs < 0 or args.epochs < 1:
         fail("--sft_epochs must be >= 0 and --epochs >= 1")
+    if args.output_dir is not None and Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
+        fail(f"--output_dir {args.output_dir} is a file, not a folder")
     if args.output_dir is None:
         args.output_dir = "runs/cream-demo" if args.demo else f"runs/cream-{Path(args.model).name}"
     return args
