@@ -469,11 +469,15 @@ def judge_inputs(tokenizer, instruction, response_1, response_2, max_length):
     """
     overhead = max(len(encode(tokenizer, text, answer_prefix=ANSWER_PREFIX)) for text, _ in judge_prompts(instruction, "", ""))
     room = max(1, (max_length - overhead) // 2)
-    cut = [tokenizer.decode(tokenizer(r, add_special_tokens=False).input_ids[:room]) for r in (response_1, response_2)]
-    inputs = []
-    for text, id_of_response_1 in judge_prompts(instruction, *cut):
-        inputs.append((encode(tokenizer, text, answer_prefix=ANSWER_PREFIX)[-max_length:], id_of_response_1 == "m"))
-    return inputs
+    response_ids = [tokenizer(r, add_special_tokens=False).input_ids for r in (response_1, response_2)]
+    while True:  # re-encoding a cut text can take a few more tokens (a character split at the cut): shrink until it fits
+        cut = [tokenizer.decode(ids[:room]).rstrip("\ufffd") for ids in response_ids]
+        inputs = [(encode(tokenizer, text, answer_prefix=ANSWER_PREFIX), id_of_response_1 == "m")
+                  for text, id_of_response_1 in judge_prompts(instruction, *cut)]
+        excess = max(len(ids) for ids, _ in inputs) - max_length
+        if excess <= 0 or room == 0:
+            return inputs
+        room = max(0, room - excess)
 
 
 def identifier_logits(model, sequences, identifier_ids, pad_id):
@@ -569,7 +573,7 @@ def scir_loss(policy_logps_1, policy_logps_2, global_ref_logps_1, global_ref_log
     p_irm = implicit_preference(policy_logps_1, policy_logps_2, global_ref_logps_1, global_ref_logps_2, beta)
     consistency = consistency_loss(p_irm, p_grm, tau)
     y1_wins = p_irm.detach() > 0.5
-    agree = (y1_wins == (p_grm.detach() > 0.5)).float()
+    agree = ((y1_wins & (p_grm.detach() > 0.5)) | ((p_irm.detach() < 0.5) & (p_grm.detach() < 0.5))).float()  # a tie agrees with nothing
     pick = lambda a, b: torch.where(y1_wins, a, b)  # (chosen, rejected) = (y1, y2) if y1 wins, else (y2, y1)
     ref_logratio = adaptive_reference_logratio(pick(local_ref_logps_1, local_ref_logps_2),
                                                pick(local_ref_logps_2, local_ref_logps_1),
