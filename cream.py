@@ -66,6 +66,10 @@ class Args:
     consistency_scope: str = HfArg(default="dataset", help=(
         "'dataset': one C for every pair (Algorithm 1 line 11); 'pair': each pair its own (tau+1)/2 (official "
         "'dyn')"))
+    consistency_measure: str = HfArg(default="kendall", help=(
+        "per-prompt agreement averaged into C: 'kendall' (Eq. 3.10), 'spearman' or 'toporder' (Table 4)"))
+    method: str = HfArg(default="cream", help=(
+        "'cream', or the baseline 'srlm': DPO rewarding without the regularisation, C = 1 (Table 1)"))
     seed: int = HfArg(default=42, help="same seed, same run")
     dtype: str = HfArg(default="auto", help=(
         "'auto' = bfloat16 on a GPU (with stochastic-rounding AdamW), float32 on CPU; or 'bfloat16' / 'float32'"))
@@ -388,8 +392,9 @@ def sample_responses(model, tokenizer, prompts, args):
                               max_new_tokens=args.max_new_tokens, num_return_sequences=args.num_samples,
                               eos_token_id=sorted(eos_ids), pad_token_id=tokenizer.pad_token_id)
     inputs = [encode(tokenizer, p) for p in prompts]
-    outputs = model.generate_batch(inputs=inputs, generation_config=config, progress_bar=True, continuous_batching_config=
-                                   cache_config(model, len(inputs) * args.num_samples, max(map(len, inputs)) + args.max_new_tokens))
+    cache = cache_config(model, len(inputs) * args.num_samples, max(map(len, inputs)) + args.max_new_tokens)
+    outputs = model.generate_batch(inputs=inputs, generation_config=config, continuous_batching_config=cache,
+                                   progress_bar=True)
     if len(outputs) != len(prompts) * args.num_samples:
         fail(f"generation returned {len(outputs)} of {len(prompts) * args.num_samples} responses")
     grouped = [[] for _ in prompts]  # request ids are req_<prompt index>[__child#k]
@@ -477,6 +482,13 @@ def top_order(x, y):
 def consistency_rate(taus):
     """Algorithm 1 line 11: C = mean over prompts of (tau_j + 1) / 2."""
     return sum((tau + 1) / 2 for tau in taus) / len(taus)
+
+
+def measured_consistency(reward_rows, measure):
+    """Line 11 with the measures of Table 4: mean (tau+1)/2, mean (rho+1)/2, or the share of TopOrder agreements."""
+    if measure == "toporder":
+        return sum(row["top_order"] for row in reward_rows) / len(reward_rows)
+    return consistency_rate([row["tau" if measure == "kendall" else "spearman"] for row in reward_rows])
 
 
 def rewards_and_consistency(samples_rows, logps_t, logps_prev, logps_0, t):
@@ -624,6 +636,12 @@ def parse_args(argv=None):
         fail(f"--max_length {args.max_length} leaves no room for a prompt with --max_new_tokens {args.max_new_tokens}")
     if args.consistency_scope not in ("dataset", "pair"):
         fail(f"--consistency_scope must be 'dataset' or 'pair', got {args.consistency_scope!r}")
+    if args.consistency_measure not in ("kendall", "spearman", "toporder"):
+        fail(f"--consistency_measure must be kendall, spearman or toporder, got {args.consistency_measure!r}")
+    if args.consistency_scope == "pair" and args.consistency_measure != "kendall":
+        fail("--consistency_scope pair takes each pair's (tau+1)/2: use it with --consistency_measure kendall")
+    if args.method not in ("cream", "srlm"):
+        fail(f"--method must be cream or srlm, got {args.method!r}")
     if args.dtype not in ("auto", "bfloat16", "float32"):
         fail(f"--dtype must be auto, bfloat16 or float32, got {args.dtype!r}")
     if args.sft_epochs < 0 or args.epochs < 1:
@@ -701,9 +719,12 @@ def main(argv=None):
                 fail(f"{it / f'logps_{name}.jsonl'} does not match {it / 'samples.jsonl'}: delete {it} to recompute")
         reward_rows = cached_jsonl(it / "rewards.jsonl", lambda: rewards_and_consistency(  # lines 6-10
             samples, logps["t"], logps.get("prev"), logps["0"], t))
-        consistency = consistency_rate([row["tau"] for row in reward_rows])  # line 11
+        if args.method == "srlm":  # the baseline trusts every self-label: plain DPO
+            consistency, scope = 1.0, "dataset"
+        else:  # line 11
+            consistency, scope = measured_consistency(reward_rows, args.consistency_measure), args.consistency_scope
         pairs = cached_jsonl(it / "pairs.jsonl", lambda: build_pairs(  # lines 12-13
-            samples, reward_rows, consistency, args.consistency_scope))
+            samples, reward_rows, consistency, scope))
         if not pairs:
             fail(f"iteration {t}: every prompt's rewards tie, no pair to train on")
         if not (out / f"M{t + 1}").exists():  # line 14

@@ -70,6 +70,11 @@ class Args:
         "alpha_l of the judge's length regularisation o' = o - alpha_l |y|, |y| in tokens (section 3.3, 4.1)"))
     length_reg_from: int = HfArg(default=3, help=(
         "first iteration (1 = M0 -> M1) that uses it: the third for Mistral-7B, the second for -Instruct (4.1)"))
+    no_consistency_loss: bool = HfArg(default=False, help="ablation (Table 4): drop Eq. 6 from Eq. 7")
+    no_dcpo: bool = HfArg(default=False, help="ablation (Table 4): drop the DPO term of Eq. 7, keep consistency training")
+    single_judge_prompt: bool = HfArg(default=False, help="ablation (Table 4): Q from template 1 in one order only")
+    no_adaptive_reference: bool = HfArg(default=False, help=(
+        "ablation (Table 4): DPO with the local reference M_t only, not the larger ratio of Appendix A"))
     warmup_ratio: float = HfArg(default=0.1, help=(
         "linear warmup share of the steps, then cosine decay (cosine: section 4.1; the warmup is not given)"))
     batch_size: int = HfArg(default=2, help=(
@@ -411,8 +416,9 @@ def sample_responses(model, tokenizer, prompts, args):
                               max_new_tokens=args.max_new_tokens, num_return_sequences=args.num_samples,
                               eos_token_id=sorted(eos_ids), pad_token_id=tokenizer.pad_token_id)
     inputs = [encode(tokenizer, p) for p in prompts]
-    outputs = model.generate_batch(inputs=inputs, generation_config=config, progress_bar=True, continuous_batching_config=
-                                   cache_config(model, len(inputs) * args.num_samples, max(map(len, inputs)) + args.max_new_tokens))
+    cache = cache_config(model, len(inputs) * args.num_samples, max(map(len, inputs)) + args.max_new_tokens)
+    outputs = model.generate_batch(inputs=inputs, generation_config=config, continuous_batching_config=cache,
+                                   progress_bar=True)
     if len(outputs) != len(prompts) * args.num_samples:
         fail(f"generation returned {len(outputs)} of {len(prompts) * args.num_samples} responses")
     grouped = [[] for _ in prompts]  # request ids are req_<prompt index>[__child#k]
@@ -498,27 +504,28 @@ def identifier_logits(model, sequences, identifier_ids, pad_id):
 
 
 def generative_preference(model, tokenizer, instructions, responses_1, responses_2, identifier_ids, alpha_l,
-                          max_length, lengths_1=None, lengths_2=None):
+                          max_length, lengths_1=None, lengths_2=None, num_prompts=4):
     """P_grm(y1 > y2 | x) (Eq. 5) averaged over 2 templates x 2 orders (section 3.3): B pairs -> [B].
 
     With gradients when called under autograd; lengths |y| (tokens) default to those of the responses given.
+    num_prompts=1 keeps template 1 in one order (the Table 4 ablation).
     """
     token_count = lambda r: len(tokenizer(r, add_special_tokens=False).input_ids)
     lengths_1 = lengths_1 or [token_count(r) for r in responses_1]
     lengths_2 = lengths_2 or [token_count(r) for r in responses_2]
     sequences, first_is_y1 = [], []
     for x, y1, y2 in zip(instructions, responses_1, responses_2):
-        for ids, y1_first in judge_inputs(tokenizer, x, y1, y2, max_length):
+        for ids, y1_first in judge_inputs(tokenizer, x, y1, y2, max_length)[:num_prompts]:
             sequences.append(ids)
             first_is_y1.append(y1_first)
-    logits = identifier_logits(model, sequences, identifier_ids, tokenizer.pad_token_id)  # [4B, 2]
+    logits = identifier_logits(model, sequences, identifier_ids, tokenizer.pad_token_id)  # [num_prompts * B, 2]
     first_is_y1 = torch.tensor(first_is_y1, device=logits.device)
-    len_1 = torch.tensor(lengths_1, device=logits.device, dtype=torch.float32).repeat_interleave(4)
-    len_2 = torch.tensor(lengths_2, device=logits.device, dtype=torch.float32).repeat_interleave(4)
+    len_1 = torch.tensor(lengths_1, device=logits.device, dtype=torch.float32).repeat_interleave(num_prompts)
+    len_2 = torch.tensor(lengths_2, device=logits.device, dtype=torch.float32).repeat_interleave(num_prompts)
     p_first = judge_probability(logits[:, 0], logits[:, 1], torch.where(first_is_y1, len_1, len_2),
                                 torch.where(first_is_y1, len_2, len_1), alpha_l)
     p_y1 = torch.where(first_is_y1, p_first, 1 - p_first)
-    return p_y1.view(-1, 4).mean(-1)
+    return p_y1.view(-1, num_prompts).mean(-1)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -564,24 +571,26 @@ def adaptive_reference_logratio(local_ref_chosen, local_ref_rejected, global_ref
 # Eq. 7: DCPO on the pairs IRM and GRM agree on, plus alpha times the consistency loss
 # --------------------------------------------------------------------------------------------------------
 def scir_loss(policy_logps_1, policy_logps_2, global_ref_logps_1, global_ref_logps_2, local_ref_logps_1,
-              local_ref_logps_2, p_grm, beta, alpha, tau):
+              local_ref_logps_2, p_grm, beta, alpha, tau, dcpo=True, adaptive_reference=True):
     """Eq. 7 per pair: 1[IRM and GRM agree] L_DPO + alpha L_consistency. [B] x7 -> dict of [B] tensors.
 
     The agreed winner is chosen; only the difference of the reference log-probs enters Eq. 3, so the adaptive
-    reference is passed as that difference.
+    reference is passed as that difference. dcpo=False and adaptive_reference=False are Table 4's ablations.
     """
     p_irm = implicit_preference(policy_logps_1, policy_logps_2, global_ref_logps_1, global_ref_logps_2, beta)
     consistency = consistency_loss(p_irm, p_grm, tau)
     y1_wins = p_irm.detach() > 0.5
     agree = ((y1_wins & (p_grm.detach() > 0.5)) | ((p_irm.detach() < 0.5) & (p_grm.detach() < 0.5))).float()  # a tie agrees with nothing
     pick = lambda a, b: torch.where(y1_wins, a, b)  # (chosen, rejected) = (y1, y2) if y1 wins, else (y2, y1)
+    local_logratio = pick(local_ref_logps_1, local_ref_logps_2) - pick(local_ref_logps_2, local_ref_logps_1)
     ref_logratio = adaptive_reference_logratio(pick(local_ref_logps_1, local_ref_logps_2),
                                                pick(local_ref_logps_2, local_ref_logps_1),
                                                pick(global_ref_logps_1, global_ref_logps_2),
-                                               pick(global_ref_logps_2, global_ref_logps_1))
+                                               pick(global_ref_logps_2, global_ref_logps_1)) if adaptive_reference \
+        else local_logratio
     dpo = dpo_loss(pick(policy_logps_1, policy_logps_2), pick(policy_logps_2, policy_logps_1),
                    ref_logratio, torch.zeros_like(ref_logratio), beta)
-    return {"loss": agree * dpo + alpha * consistency, "dpo_loss": dpo, "consistency_loss": consistency,
+    return {"loss": (agree * dpo if dcpo else 0) + alpha * consistency, "dpo_loss": dpo, "consistency_loss": consistency,
             "agree": agree, "p_irm": p_irm, "p_grm": p_grm}
 
 
@@ -591,16 +600,19 @@ def pair_sequences(tokenizer, pair, max_length):
     return [(prompt_ids, pair[key]["token_ids"][: max_length - len(prompt_ids)]) for key in ("response_1", "response_2")]
 
 
-def pair_forward(model, tokenizer, batch, args, identifier_ids, alpha_l):
-    """Policy log-probs of y1 and y2 (one stacked forward) and the judge's Q for a micro-batch of pairs."""
+def pair_forward(model, tokenizer, batch, args, identifier_ids, alpha_l, with_judge=True):
+    """Policy log-probs of y1 and y2 (one stacked forward) and, if asked, the judge's Q for a micro-batch of pairs."""
     sequences = [s for pair in batch for s in pair["sequences"]]  # y1, y2, y1, y2, ...
     input_ids, attention_mask, labels = (t.to(model.device) for t in collate(sequences, tokenizer.pad_token_id))
     logps = sequence_logps(model, input_ids, attention_mask, labels != -100).view(-1, 2)
+    if not with_judge:
+        return logps[:, 0], logps[:, 1], None
     p_grm = generative_preference(model, tokenizer, [p["prompt"] for p in batch],
                                   [p["response_1"]["response"] for p in batch], [p["response_2"]["response"] for p in batch],
                                   identifier_ids, alpha_l, args.max_length,
                                   [len(p["response_1"]["token_ids"]) for p in batch],
-                                  [len(p["response_2"]["token_ids"]) for p in batch])
+                                  [len(p["response_2"]["token_ids"]) for p in batch],
+                                  num_prompts=1 if args.single_judge_prompt else 4)
     return logps[:, 0], logps[:, 1], p_grm
 
 
@@ -609,7 +621,8 @@ def scir_batch_loss(args, tokenizer, identifier_ids, alpha_l):
         policy_1, policy_2, p_grm = pair_forward(model, tokenizer, batch, args, identifier_ids, alpha_l)
         ref = lambda key: torch.tensor([p[key] for p in batch], device=model.device)
         terms = scir_loss(policy_1, policy_2, ref("global_logp_1"), ref("global_logp_2"), ref("local_logp_1"),
-                          ref("local_logp_2"), p_grm, args.beta, args.alpha, args.tau)
+                          ref("local_logp_2"), p_grm, args.beta, 0.0 if args.no_consistency_loss else args.alpha,
+                          args.tau, dcpo=not args.no_dcpo, adaptive_reference=not args.no_adaptive_reference)
         agree = terms["agree"]
         return {"loss": terms["loss"].mean(), "consistency_loss": terms["consistency_loss"].mean().detach(),
                 "dpo_loss": (agree * terms["dpo_loss"]).mean().detach(),  # Eq. 7's DPO term, 0 where they disagree
@@ -625,17 +638,10 @@ def score_pairs(model_path_or_model, tokenizer, pairs, args, identifier_ids, alp
     results = []
     for start in tqdm(range(0, len(pairs), args.score_batch_size // 2), desc=desc):
         batch = pairs[start: start + args.score_batch_size // 2]
-        sequences = [s for pair in batch for s in pair["sequences"]]
-        input_ids, attention_mask, labels = (t.to(model.device) for t in collate(sequences, tokenizer.pad_token_id))
-        logps = sequence_logps(model, input_ids, attention_mask, labels != -100).view(-1, 2).tolist()
-        if with_judge:
-            q = generative_preference(model, tokenizer, [p["prompt"] for p in batch],
-                                      [p["response_1"]["response"] for p in batch],
-                                      [p["response_2"]["response"] for p in batch], identifier_ids, alpha_l,
-                                      args.max_length, [len(p["response_1"]["token_ids"]) for p in batch],
-                                      [len(p["response_2"]["token_ids"]) for p in batch]).tolist()
-        for k, (l1, l2) in enumerate(logps):
-            results.append({"logp_1": l1, "logp_2": l2} | ({"q": q[k]} if with_judge else {}))
+        logps_1, logps_2, q = pair_forward(model, tokenizer, batch, args, identifier_ids, alpha_l, with_judge)
+        for k in range(len(batch)):
+            results.append({"logp_1": logps_1[k].item(), "logp_2": logps_2[k].item()}
+                           | ({"q": q[k].item()} if with_judge else {}))
     return results
 
 

@@ -467,7 +467,9 @@ def test_scir_batch_loss_gradients_reach_the_policy(model, tok, ids_mM, term):
     (0.65 for y1 in pair 0, 0.35 in pair 1) but not confident (< tau): the pairs' agreement is then decided by P alone.
     """
     beta = 0.1
-    args = SimpleNamespace(max_length=700, beta=beta, alpha=0.0 if term == "dpo" else 1.0, tau=0.7)
+    args = SimpleNamespace(max_length=700, beta=beta, alpha=0.0 if term == "dpo" else 1.0, tau=0.7,
+                           single_judge_prompt=False, no_consistency_loss=False, no_dcpo=False,
+                           no_adaptive_reference=False)
     favourites = [(TRAIN_PAIRS[0][1], TRAIN_PAIRS[0][2]), (TRAIN_PAIRS[1][2], TRAIN_PAIRS[1][1])]
     judge = Rigged(model, slot_boost(tok, model.config.vocab_size, ids_mM, favourites, 0.6))
     pairs = make_pairs(tok)
