@@ -1,0 +1,135 @@
+"""The paper's baselines and ablations added so far: scir.py's Table 4 switches, cream.py's consistency measures
+(Table 4) and the SRLM baseline (C = 1). Each against hand-written formulas, and each through the CLI."""
+
+import math
+
+import pytest
+import torch
+from conftest import read_jsonl
+
+import cream
+import scir
+
+
+def bernoulli_terms(q, p):
+    """KL(Bern(q) || Bern(p)) + H(Bern(q)) written out."""
+    kl = q * math.log(q / p) + (1 - q) * math.log((1 - q) / (1 - p))
+    entropy = -(q * math.log(q) + (1 - q) * math.log(1 - q))
+    return kl + entropy
+
+
+def test_no_dcpo_keeps_only_the_consistency_loss():
+    # P = sigmoid(beta * 2) with beta 1 -> 0.881 (confident), Q = 0.9 (confident, agrees)
+    policy_1, zero = torch.tensor([2.0]), torch.zeros(1)
+    p = 1 / (1 + math.exp(-2.0))
+    q = 0.9
+    expected = bernoulli_terms(q, p) + bernoulli_terms(p, q)
+    terms = scir.scir_loss(policy_1, zero, zero, zero, zero, zero, torch.tensor([q]), beta=1.0, alpha=1.0, tau=0.7,
+                           dcpo=False)
+    assert terms["agree"].item() == 1.0
+    assert terms["loss"].item() == pytest.approx(expected, rel=1e-5)
+    with_dcpo = scir.scir_loss(policy_1, zero, zero, zero, zero, zero, torch.tensor([q]), beta=1.0, alpha=1.0, tau=0.7)
+    dpo = math.log(1 + math.exp(-2.0))  # -log sigmoid(2): chosen y1, reference ratio 0
+    assert with_dcpo["loss"].item() == pytest.approx(expected + dpo, rel=1e-5)
+
+
+def test_no_adaptive_reference_uses_the_local_reference_only():
+    """IRM prefers y2 (global reference) and so does Q: chosen y2. Reference ratios log pi_ref(y2)/pi_ref(y1):
+    local -5, global -3. Appendix A takes the larger (-3); the ablation keeps the local one (-5)."""
+    beta = 1.0
+    policy_1, policy_2 = torch.tensor([1.0]), torch.tensor([0.0])
+    global_1, global_2 = torch.tensor([-3.0]), torch.tensor([-6.0])  # P = sigmoid((1 + 3) - (0 + 6)) < 0.5
+    local_1, local_2 = torch.tensor([0.0]), torch.tensor([-5.0])
+    q = torch.tensor([0.2])
+    policy_margin = 0.0 - 1.0  # log pi(y2) - log pi(y1)
+    only_local = scir.scir_loss(policy_1, policy_2, global_1, global_2, local_1, local_2, q, beta, 0.0, 0.7,
+                                adaptive_reference=False)
+    adaptive = scir.scir_loss(policy_1, policy_2, global_1, global_2, local_1, local_2, q, beta, 0.0, 0.7)
+    assert only_local["agree"].item() == adaptive["agree"].item() == 1.0
+    assert only_local["loss"].item() == pytest.approx(math.log(1 + math.exp(-beta * (policy_margin + 5.0))), rel=1e-6)
+    assert adaptive["loss"].item() == pytest.approx(math.log(1 + math.exp(-beta * (policy_margin + 3.0))), rel=1e-6)
+
+
+def test_single_judge_prompt_reads_one_prompt_only(monkeypatch, tiny_tokenizer):
+    """A judge that always names the first slot gives Q = 0.5 over 2 orders, but sigmoid(a - b) from one prompt."""
+    tokenizer = scir.load_tokenizer(tiny_tokenizer.name_or_path)
+    seen = []
+
+    def first_slot_logits(model, sequences, identifier_ids, pad_id):
+        seen.append(len(sequences))
+        return torch.tensor([[2.0, 0.5]] * len(sequences))  # logit of m (first slot), of M
+
+    monkeypatch.setattr(scir, "identifier_logits", first_slot_logits)
+    args = ("What is 2 + 3?",), ("5",), ("6",), (0, 1), 0.0, 700
+    one = scir.generative_preference(None, tokenizer, *args, num_prompts=1)
+    four = scir.generative_preference(None, tokenizer, *args)
+    assert seen == [1, 4]
+    assert one.item() == pytest.approx(1 / (1 + math.exp(-1.5)), rel=1e-6)
+    assert four.item() == pytest.approx(0.5, abs=1e-7)
+
+
+@pytest.mark.parametrize("measure, expected", [
+    ("kendall", ((0.5 + 1) / 2 + (-1 + 1) / 2) / 2),
+    ("spearman", ((0.8 + 1) / 2 + (-1 + 1) / 2) / 2),
+    ("toporder", (1.0 + 0.0) / 2),
+])
+def test_measured_consistency_hand_worked(measure, expected):
+    rows = [{"tau": 0.5, "spearman": 0.8, "top_order": 1.0}, {"tau": -1.0, "spearman": -1.0, "top_order": 0.0}]
+    assert cream.measured_consistency(rows, measure) == pytest.approx(expected)
+
+
+CREAM_SMALL = ["--iterations", 1, "--num_prompts", 4, "--num_samples", 3, "--max_new_tokens", 6, "--max_length", 96,
+               "--sft_epochs", 1, "--batch_size", 2, "--grad_accum", 1, "--dtype", "float32"]
+
+
+def brute_spearman(x, y):
+    def ranks(v):
+        return [sum(b < a for b in v) + (sum(b == a for b in v) + 1) / 2 for a in v]
+    rx, ry = ranks(x), ranks(y)
+    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
+    num = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    den = math.sqrt(sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry))
+    return num / den if den else 0.0
+
+
+def brute_top_order(x, y):
+    return float(x.index(max(x)) == y.index(max(y)) and x.index(min(x)) == y.index(min(y)))
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--method", "srlm"], lambda rows: 1.0),
+    (["--consistency_measure", "spearman"],
+     lambda rows: sum((brute_spearman(r["r"], r["r_prev"]) + 1) / 2 for r in rows) / len(rows)),
+    (["--consistency_measure", "toporder"],
+     lambda rows: sum(brute_top_order(r["r"], r["r_prev"]) for r in rows) / len(rows)),
+])
+def test_cream_variants_through_the_cli(flags, expected, tmp_path, tiny_model_dir, data_dir, run_script):
+    out = tmp_path / "run"
+    result = run_script("cream.py", "--model", tiny_model_dir, "--data_dir", data_dir, "--output_dir", out,
+                        *CREAM_SMALL, *flags)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = read_jsonl(out / "iter1" / "rewards.jsonl")
+    consistency = expected(rows)
+    (metrics,) = read_jsonl(out / "metrics.jsonl")
+    assert metrics["consistency"] == pytest.approx(consistency, abs=1e-9)
+    assert all(pair["consistency"] == pytest.approx(consistency, abs=1e-9) for pair in read_jsonl(out / "iter1" / "pairs.jsonl"))
+
+
+SCIR_SMALL = ["--iterations", 1, "--num_prompts", 3, "--num_samples", 2, "--max_new_tokens", 6, "--max_length", 700,
+              "--sft_epochs", 1, "--judge_pairs", 2, "--sft_examples", 4, "--batch_size", 2, "--grad_accum", 1,
+              "--dtype", "float32", "--beta", 5.0]
+
+
+@pytest.mark.parametrize("flag", ["--no_consistency_loss", "--no_dcpo", "--single_judge_prompt",
+                                  "--no_adaptive_reference"])
+def test_scir_ablations_through_the_cli(flag, tmp_path, tiny_model_dir, data_dir, run_script):
+    out = tmp_path / "run"
+    result = run_script("scir.py", "--model", tiny_model_dir, "--data_dir", data_dir, "--output_dir", out,
+                        *SCIR_SMALL, flag)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (metrics,) = read_jsonl(out / "metrics.jsonl")
+    assert (out / "M1" / "config.json").exists()
+    if flag == "--no_consistency_loss":  # Eq. 7 without its second term: the loss is the DPO term alone
+        assert metrics["loss"] == pytest.approx(metrics["dpo_loss"], rel=1e-5, abs=1e-7)
+    if flag == "--no_dcpo":  # Eq. 7 without its first term (alpha = 1): the loss is the consistency loss alone
+        assert metrics["loss"] == pytest.approx(metrics["consistency_loss"], rel=1e-5, abs=1e-7)
