@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import random
+import re
 import shutil
 import sys
 from dataclasses import asdict, dataclass, fields
@@ -68,6 +69,9 @@ class Args:
         "'dyn')"))
     consistency_measure: str = HfArg(default="kendall", help=(
         "per-prompt agreement averaged into C: 'kendall' (Eq. 3.10), 'spearman' or 'toporder' (Table 4)"))
+    evaluate: bool = HfArg(default=False, help=(
+        "score M0..M_T+1 on the test sets of ARC-Easy/Challenge, OpenBookQA, SIQA, GSM8K: greedy, exact match (Table 1)"))
+    eval_limit: int = HfArg(default=None, help="score only the first N questions of each task")
     method: str = HfArg(default="cream", help=(
         "'cream', or the baseline 'srlm': DPO rewarding without the regularisation, C = 1 (Table 1)"))
     seed: int = HfArg(default=42, help="same seed, same run")
@@ -131,17 +135,36 @@ def cached_jsonl(path, compute):
 # --------------------------------------------------------------------------------------------------------
 # Data: D_S (seed SFT) and D_U (unlabeled prompts), section 4.1
 # --------------------------------------------------------------------------------------------------------
-def multiple_choice(question, labels, texts):
-    return question + "\n" + "\n".join(f"{label}. {text}" for label, text in zip(labels, texts))
+# Table 1's five tasks: Hub id, config, revision, and the split scored (SIQA has no labelled test split)
+TASKS = {"arc_easy": ("allenai/ai2_arc", "ARC-Easy", None, "test"),
+         "arc_challenge": ("allenai/ai2_arc", "ARC-Challenge", None, "test"),
+         "openbookqa": ("allenai/openbookqa", "main", None, "test"),
+         "siqa": ("allenai/social_i_qa", None, "refs/convert/parquet", "validation"),
+         "gsm8k": ("openai/gsm8k", "main", None, "test")}
 
 
-def load_hub_data():
-    """D_S: English OASST1 root prompts with their rank-0 reply (~3.4K); D_U: D_S prompts + five train splits."""
+def task_rows(task, rows):
+    """Hub rows -> [{"prompt", "answer"}]: options relabelled A, B, C... (ARC also uses 1-4); GSM8K's number."""
+    def multiple_choice(question, options, answer_index):
+        text = question + "\n" + "\n".join(f"{'ABCDE'[i]}. {option}" for i, option in enumerate(options))
+        return {"prompt": text, "answer": "ABCDE"[answer_index]}
+    if task == "gsm8k":
+        return [{"prompt": r["question"], "answer": r["answer"].split("####")[-1].strip().replace(",", "")} for r in rows]
+    if task == "siqa":
+        return [multiple_choice(f"{r['context']} {r['question']}", [r["answerA"], r["answerB"], r["answerC"]],
+                                int(r["label"]) - 1) for r in rows]
+    return [multiple_choice(r.get("question_stem") or r["question"], r["choices"]["text"],  # OpenBookQA, ARC
+                            r["choices"]["label"].index(r["answerKey"])) for r in rows]
+
+
+def load_hub_data(evaluate):
+    """D_S: English OASST1 root prompts with their rank-0 reply (~3.4K); D_U: D_S prompts + five train splits;
+    with `evaluate`, the five tasks' test rows."""
     from datasets import load_dataset
 
-    def load(repo, **kwargs):
+    def load(repo, split="train", name=None, revision=None):
         try:
-            return load_dataset(repo, split="train", **kwargs)
+            return load_dataset(repo, name=name, split=split, revision=revision)
         except Exception as e:
             fail(f"cannot load dataset {repo} ({type(e).__name__}); offline, pass --data_dir DIR with "
                  f"sft.jsonl and prompts.jsonl (see README)")
@@ -151,28 +174,27 @@ def load_hub_data():
              if m["parent_id"] is None and m["role"] == "prompter" and m["lang"] == "en" and not m["deleted"]}
     sft = [{"prompt": roots[m["parent_id"]], "response": m["text"]} for m in oasst
            if m["role"] == "assistant" and m["rank"] == 0 and m["parent_id"] in roots and not m["deleted"]]
-    pool = [row["prompt"] for row in sft]
-    for config in ("ARC-Easy", "ARC-Challenge"):
-        pool += [multiple_choice(r["question"], r["choices"]["label"], r["choices"]["text"])
-                 for r in load("allenai/ai2_arc", name=config)]
-    pool += [multiple_choice(r["question_stem"], r["choices"]["label"], r["choices"]["text"])
-             for r in load("allenai/openbookqa", name="main")]
-    pool += [multiple_choice(f"{r['context']} {r['question']}", "ABC", [r["answerA"], r["answerB"], r["answerC"]])
-             for r in load("allenai/social_i_qa", revision="refs/convert/parquet")]
-    pool += [r["question"] for r in load("openai/gsm8k", name="main")]
-    return sft, [{"prompt": p} for p in pool]
+    pool = [{"prompt": row["prompt"]} for row in sft]
+    tests = []
+    for task, (repo, name, revision, test_split) in TASKS.items():
+        pool += [{"prompt": row["prompt"]} for row in task_rows(task, load(repo, "train", name, revision))]
+        if evaluate:
+            tests += [dict(row, task=task) for row in task_rows(task, load(repo, test_split, name, revision))]
+    return sft, pool, tests
 
 
 def load_data(args):
     if args.data_dir is None:
-        return load_hub_data()
+        return load_hub_data(args.evaluate)
     data_dir = Path(args.data_dir)
     if not data_dir.is_dir():
         fail(f"--data_dir {data_dir} is not a folder")
-    for name in ("sft.jsonl", "prompts.jsonl"):
+    names = ("sft.jsonl", "prompts.jsonl") + (("eval.jsonl",) if args.evaluate else ())
+    for name in names:
         if not (data_dir / name).is_file():
             fail(f"{data_dir / name} is missing")
-    return read_jsonl(data_dir / "sft.jsonl", ["prompt", "response"]), read_jsonl(data_dir / "prompts.jsonl", ["prompt"])
+    tests = read_jsonl(data_dir / "eval.jsonl", ["prompt", "answer", "task"]) if args.evaluate else []
+    return read_jsonl(data_dir / "sft.jsonl", ["prompt", "response"]), read_jsonl(data_dir / "prompts.jsonl", ["prompt"]), tests
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -382,21 +404,23 @@ def cache_config(model, num_requests, longest):
 
 
 @torch.no_grad()
-def sample_responses(model, tokenizer, prompts, args):
-    """N samples per prompt with continuous batching (`generate_batch`: a paged KV cache, no padding)."""
+def sample_responses(model, tokenizer, prompts, args, greedy=False):
+    """N samples per prompt (or one greedy reply) with continuous batching (`generate_batch`: paged KV cache)."""
     if model.device.type == "cpu":  # it logs that psutil is missing on every CPU call
         logging.getLogger("ContinuousBatchingLogger").setLevel(logging.CRITICAL)
     model_eos = model.generation_config.eos_token_id  # Llama-3-Instruct: <|end_of_text|> and <|eot_id|>
     eos_ids = {tokenizer.eos_token_id} | set(model_eos if isinstance(model_eos, list) else [model_eos] if model_eos else [])
-    config = GenerationConfig(do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=0,
-                              max_new_tokens=args.max_new_tokens, num_return_sequences=args.num_samples,
+    num_samples = 1 if greedy else args.num_samples
+    sampling = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=args.temperature, top_p=args.top_p,
+                                                         top_k=0)
+    config = GenerationConfig(**sampling, max_new_tokens=args.max_new_tokens, num_return_sequences=num_samples,
                               eos_token_id=sorted(eos_ids), pad_token_id=tokenizer.pad_token_id)
     inputs = [encode(tokenizer, p) for p in prompts]
-    cache = cache_config(model, len(inputs) * args.num_samples, max(map(len, inputs)) + args.max_new_tokens)
+    cache = cache_config(model, len(inputs) * num_samples, max(map(len, inputs)) + args.max_new_tokens)
     outputs = model.generate_batch(inputs=inputs, generation_config=config, continuous_batching_config=cache,
                                    progress_bar=True)
-    if len(outputs) != len(prompts) * args.num_samples:
-        fail(f"generation returned {len(outputs)} of {len(prompts) * args.num_samples} responses")
+    if len(outputs) != len(prompts) * num_samples:
+        fail(f"generation returned {len(outputs)} of {len(prompts) * num_samples} responses")
     grouped = [[] for _ in prompts]  # request ids are req_<prompt index>[__child#k]
     for request_id, output in outputs.items():
         if output.error is not None:
@@ -568,6 +592,57 @@ def run_preference_training(args, tokenizer, pairs, t, out):
 
 
 # --------------------------------------------------------------------------------------------------------
+# Evaluation (Table 1): greedy, zero-shot, exact match on the five tasks' test sets
+# --------------------------------------------------------------------------------------------------------
+EVAL_SUFFIX = {"choice": "\n\nEnd your reply with 'Answer: X', where X is the letter of the correct option.",
+               "number": "\n\nSolve it step by step and end your reply with 'Answer: N', where N is the final number."}
+NUMBER = r"-?\d[\d,]*(?:\.\d+)?"
+
+
+def answer_kind(answer):
+    return "choice" if re.fullmatch(r"[A-E]", answer) else "number"
+
+
+def extract_answer(reply, kind):
+    """The answer a reply gives: a letter A-E or a number without commas; None if it gives none.
+
+    Letters are read from 'Answer: X' / 'answer is (X)', then '(X)', then a reply that is only 'X' or 'X.', and only in
+    upper case: the English word 'a' is never an answer (anchors #6). Numbers from '#### N', then 'Answer: N', then
+    the last number in the reply.
+    """
+    if kind == "choice":
+        patterns = [r"(?i:answer)\s*(?:(?i:is)\s*)?:?\s*\(?([A-E])\b", r"\(([A-E])\)", r"^\s*([A-E])[.)]?\s*$"]
+    else:
+        patterns = [rf"####\s*\$?({NUMBER})", rf"(?i:answer)\s*(?:(?i:is)\s*)?:?\s*\$?({NUMBER})", rf"({NUMBER})"]
+    for pattern in patterns:
+        found = re.findall(pattern, reply)
+        if found:
+            return found[-1].replace(",", "") if kind == "number" else found[-1]
+    return None
+
+
+def is_correct(extracted, answer):
+    if extracted is None:
+        return False
+    if answer_kind(answer) == "choice":
+        return extracted == answer
+    return math.isclose(float(extracted), float(answer.replace(",", "")), abs_tol=1e-6)
+
+
+def run_evaluation(model_path, tokenizer, tests, args):
+    """One greedy reply per test question -> rows with the extracted answer and whether it matches."""
+    model = load_model(model_path, args).eval()
+    prompts = [row["prompt"] + EVAL_SUFFIX[answer_kind(row["answer"])] for row in tests]
+    replies = sample_responses(model, tokenizer, prompts, args, greedy=True)
+    del model
+    rows = []
+    for row, (reply,) in zip(tests, replies):
+        extracted = extract_answer(reply["response"], answer_kind(row["answer"]))
+        rows.append(dict(row, reply=reply["response"], extracted=extracted, correct=is_correct(extracted, row["answer"])))
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------------
 # Demo: a tiny random Llama and a byte-level BPE tokenizer built here, so the whole loop runs offline
 # --------------------------------------------------------------------------------------------------------
 DEMO_DATA = [
@@ -640,6 +715,8 @@ def parse_args(argv=None):
         fail(f"--consistency_measure must be kendall, spearman or toporder, got {args.consistency_measure!r}")
     if args.consistency_scope == "pair" and args.consistency_measure != "kendall":
         fail("--consistency_scope pair takes each pair's (tau+1)/2: use it with --consistency_measure kendall")
+    if args.eval_limit is not None and args.eval_limit < 1:
+        fail(f"--eval_limit must be at least 1, got {args.eval_limit}")
     if args.method not in ("cream", "srlm"):
         fail(f"--method must be cream or srlm, got {args.method!r}")
     if args.dtype not in ("auto", "bfloat16", "float32"):
@@ -674,13 +751,33 @@ def print_table(rows):
         print(" | ".join(f"{row[c]:.4f}" if isinstance(row[c], float) else str(row[c]) for c in columns))
 
 
+def evaluate_models(args, tokenizer, tests, out):
+    """Table 1: exact match of M0 (the initial model), M1 (SFT) and every later M_k on each task."""
+    tasks = list(dict.fromkeys(row["task"] for row in tests))
+    if args.eval_limit:
+        tests = [row for task in tasks for row in [r for r in tests if r["task"] == task][: args.eval_limit]]
+    (out / "eval").mkdir(exist_ok=True)
+    table = []
+    for k in range(args.iterations + 2):
+        path = args.model if k == 0 else out / f"M{k}"
+        rows = cached_jsonl(out / "eval" / f"M{k}.jsonl", lambda: run_evaluation(path, tokenizer, tests, args))
+        for task in tasks:
+            scored = [row["correct"] for row in rows if row["task"] == task]
+            table.append({"model": f"M{k}", "task": task, "accuracy": sum(scored) / len(scored), "n": len(scored)})
+    write_jsonl(out / "evaluation.jsonl", table)
+    print("\nmodel | " + " | ".join(tasks))
+    for k in range(args.iterations + 2):
+        cells = {row["task"]: row["accuracy"] for row in table if row["model"] == f"M{k}"}
+        print(f"M{k} | " + " | ".join(f"{100 * cells[task]:.2f}" for task in tasks))
+
+
 def main(argv=None):
     args = parse_args(argv)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     if args.demo:
         args.model, args.data_dir = build_demo(out)
-    sft_rows, prompt_rows = load_data(args)  # validated before any model is loaded
+    sft_rows, prompt_rows, tests = load_data(args)  # validated before any model is loaded
     random.Random(args.seed).shuffle(prompt_rows)
     per_iteration = min(args.num_prompts, len(prompt_rows) // args.iterations)
     if per_iteration == 0:
@@ -739,6 +836,8 @@ def main(argv=None):
                         / sum(len(row["samples"]) for row in samples)})
         write_jsonl(out / "metrics.jsonl", metrics)
     print_table(metrics)
+    if args.evaluate:
+        evaluate_models(args, tokenizer, tests, out)
     print(f"\nmodels, samples, rewards, pairs and metrics.jsonl are in {out}")
 
 

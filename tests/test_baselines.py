@@ -1,6 +1,8 @@
-"""The paper's baselines and ablations added so far: scir.py's Table 4 switches, cream.py's consistency measures
-(Table 4) and the SRLM baseline (C = 1). Each against hand-written formulas, and each through the CLI."""
+"""The papers' baselines, ablations and analyses built so far: scir.py's Table 4 switches; cream.py's consistency
+measures (Table 4), SRLM baseline (C = 1) and downstream evaluation (Table 1). Against hand-worked cases, and
+through the CLI."""
 
+import json
 import math
 
 import pytest
@@ -133,3 +135,84 @@ def test_scir_ablations_through_the_cli(flag, tmp_path, tiny_model_dir, data_dir
         assert metrics["loss"] == pytest.approx(metrics["dpo_loss"], rel=1e-5, abs=1e-7)
     if flag == "--no_dcpo":  # Eq. 7 without its first term (alpha = 1): the loss is the consistency loss alone
         assert metrics["loss"] == pytest.approx(metrics["consistency_loss"], rel=1e-5, abs=1e-7)
+
+
+@pytest.mark.parametrize("reply, expected", [
+    ("a", None),                                   # the English word, not option A (anchors #6)
+    ("It is a fact that a b c d", None),
+    ("(B)", "B"),
+    ("Answer: C.", "C"),
+    ("The answer is (D) because it is hot", "D"),
+    ("I think the answer is B", "B"),
+    ("A", "A"),
+    ("B.", "B"),
+    ("A cat sat on the mat", None),
+    ("b", None),
+    ("Mars is a planet. Answer: A", "A"),
+    ("answer: E", "E"),
+])
+def test_extract_choice(reply, expected):
+    assert cream.extract_answer(reply, "choice") == expected
+
+
+@pytest.mark.parametrize("reply, expected", [
+    ("#### 1,234", "1234"),
+    ("The answer is 1,234.", "1234"),
+    ("so 3 + 4 = 7", "7"),
+    ("Answer: -12.5", "-12.5"),
+    ("She pays $18 a day.\n#### 72\nAnswer: 5", "72"),
+    ("no number here", None),
+    ("Answer: $1,000,000", "1000000"),
+])
+def test_extract_number(reply, expected):
+    assert cream.extract_answer(reply, "number") == expected
+
+
+def test_is_correct_compares_numbers_by_value_and_letters_exactly():
+    assert cream.is_correct("1234", "1,234") and cream.is_correct("1234.0", "1234")
+    assert not cream.is_correct("1235", "1234") and not cream.is_correct(None, "5")
+    assert cream.is_correct("C", "C") and not cream.is_correct("c", "C")
+
+
+def test_task_rows_relabel_options_and_read_gold_answers():
+    arc = {"question": "Which?", "choices": {"label": ["1", "2", "3", "4"], "text": ["w", "x", "y", "z"]}, "answerKey": "3"}
+    assert cream.task_rows("arc_easy", [arc]) == [{"prompt": "Which?\nA. w\nB. x\nC. y\nD. z", "answer": "C"}]
+    obqa = {"question_stem": "Stem?", "choices": {"label": ["A", "B"], "text": ["p", "q"]}, "answerKey": "B"}
+    assert cream.task_rows("openbookqa", [obqa]) == [{"prompt": "Stem?\nA. p\nB. q", "answer": "B"}]
+    siqa = {"context": "Ctx.", "question": "Why?", "answerA": "u", "answerB": "v", "answerC": "w", "label": "2"}
+    assert cream.task_rows("siqa", [siqa]) == [{"prompt": "Ctx. Why?\nA. u\nB. v\nC. w", "answer": "B"}]
+    gsm = {"question": "How many?", "answer": "3 * 4 = 12\n#### 1,234"}
+    assert cream.task_rows("gsm8k", [gsm]) == [{"prompt": "How many?", "answer": "1234"}]
+
+
+def test_evaluate_through_the_cli(tmp_path, tiny_model_dir, data_dir, run_script):
+    import shutil
+
+    local = tmp_path / "data"
+    shutil.copytree(data_dir, local)
+    eval_rows = [{"task": "arc_easy", "prompt": "Which is a planet?\nA. Mars\nB. Moon", "answer": "A"},
+                 {"task": "arc_easy", "prompt": "Which is hot?\nA. ice\nB. fire", "answer": "B"},
+                 {"task": "arc_easy", "prompt": "Which is wet?\nA. water\nB. sand", "answer": "A"},
+                 {"task": "gsm8k", "prompt": "What is 2 + 3?", "answer": "5"}]
+    (local / "eval.jsonl").write_text("".join(json.dumps(row) + "\n" for row in eval_rows))
+    out = tmp_path / "run"
+    result = run_script("cream.py", "--model", tiny_model_dir, "--data_dir", local, "--output_dir", out,
+                        *CREAM_SMALL, "--evaluate", "--eval_limit", 2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = read_jsonl(out / "evaluation.jsonl")
+    assert [(row["model"], row["task"], row["n"]) for row in table] == [
+        (f"M{k}", task, n) for k in range(3) for task, n in (("arc_easy", 2), ("gsm8k", 1))]
+    for k in range(3):  # each model's replies are kept, one per question within the limit
+        rows = read_jsonl(out / "eval" / f"M{k}.jsonl")
+        assert [row["prompt"] for row in rows] == [r["prompt"] for r in eval_rows[:2] + eval_rows[3:]]
+        for task in ("arc_easy", "gsm8k"):
+            accuracy = next(row["accuracy"] for row in table if row["model"] == f"M{k}" and row["task"] == task)
+            assert accuracy == pytest.approx(sum(r["correct"] for r in rows if r["task"] == task)
+                                             / sum(r["task"] == task for r in rows))
+
+
+def test_evaluate_needs_eval_jsonl(tmp_path, tiny_model_dir, data_dir):
+    with pytest.raises(SystemExit) as exit_info:
+        cream.main(["--model", tiny_model_dir, "--data_dir", data_dir, "--output_dir", str(tmp_path / "run"),
+                    "--evaluate"])
+    assert str(exit_info.value.code).startswith("cream.py: error:") and "eval.jsonl is missing" in str(exit_info.value.code)
