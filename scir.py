@@ -504,11 +504,11 @@ def identifier_logits(model, sequences, identifier_ids, pad_id):
 
 
 def generative_preference(model, tokenizer, instructions, responses_1, responses_2, identifier_ids, alpha_l,
-                          max_length, lengths_1=None, lengths_2=None, num_prompts=4):
+                          max_length, lengths_1=None, lengths_2=None, num_prompts=4, per_prompt=False):
     """P_grm(y1 > y2 | x) (Eq. 5) averaged over 2 templates x 2 orders (section 3.3): B pairs -> [B].
 
     With gradients when called under autograd; lengths |y| (tokens) default to those of the responses given.
-    num_prompts=1 keeps template 1 in one order (the Table 4 ablation).
+    num_prompts=1 keeps template 1 in one order (the Table 4 ablation); per_prompt=True returns [B, num_prompts].
     """
     token_count = lambda r: len(tokenizer(r, add_special_tokens=False).input_ids)
     lengths_1 = lengths_1 or [token_count(r) for r in responses_1]
@@ -525,7 +525,8 @@ def generative_preference(model, tokenizer, instructions, responses_1, responses
     p_first = judge_probability(logits[:, 0], logits[:, 1], torch.where(first_is_y1, len_1, len_2),
                                 torch.where(first_is_y1, len_2, len_1), alpha_l)
     p_y1 = torch.where(first_is_y1, p_first, 1 - p_first)
-    return p_y1.view(-1, num_prompts).mean(-1)
+    p_y1 = p_y1.view(-1, num_prompts)
+    return p_y1 if per_prompt else p_y1.mean(-1)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -600,7 +601,7 @@ def pair_sequences(tokenizer, pair, max_length):
     return [(prompt_ids, pair[key]["token_ids"][: max_length - len(prompt_ids)]) for key in ("response_1", "response_2")]
 
 
-def pair_forward(model, tokenizer, batch, args, identifier_ids, alpha_l, with_judge=True):
+def pair_forward(model, tokenizer, batch, args, identifier_ids, alpha_l, with_judge=True, per_prompt=False):
     """Policy log-probs of y1 and y2 (one stacked forward) and, if asked, the judge's Q for a micro-batch of pairs."""
     sequences = [s for pair in batch for s in pair["sequences"]]  # y1, y2, y1, y2, ...
     input_ids, attention_mask, labels = (t.to(model.device) for t in collate(sequences, tokenizer.pad_token_id))
@@ -612,7 +613,7 @@ def pair_forward(model, tokenizer, batch, args, identifier_ids, alpha_l, with_ju
                                   identifier_ids, alpha_l, args.max_length,
                                   [len(p["response_1"]["token_ids"]) for p in batch],
                                   [len(p["response_2"]["token_ids"]) for p in batch],
-                                  num_prompts=1 if args.single_judge_prompt else 4)
+                                  num_prompts=1 if args.single_judge_prompt else 4, per_prompt=per_prompt)
     return logps[:, 0], logps[:, 1], p_grm
 
 
@@ -638,11 +639,31 @@ def score_pairs(model_path_or_model, tokenizer, pairs, args, identifier_ids, alp
     results = []
     for start in tqdm(range(0, len(pairs), args.score_batch_size // 2), desc=desc):
         batch = pairs[start: start + args.score_batch_size // 2]
-        logps_1, logps_2, q = pair_forward(model, tokenizer, batch, args, identifier_ids, alpha_l, with_judge)
+        logps_1, logps_2, q = pair_forward(model, tokenizer, batch, args, identifier_ids, alpha_l, with_judge, True)
         for k in range(len(batch)):
             results.append({"logp_1": logps_1[k].item(), "logp_2": logps_2[k].item()}
-                           | ({"q": q[k].item()} if with_judge else {}))
+                           | ({"q": q[k].mean().item(), "q_prompts": q[k].tolist()} if with_judge else {}))
     return results
+
+
+def internal_consistency(p_irm, q_prompts):
+    """Analysis (Table 1, Figure 2): share of pairs on which IRM and GRM agree, counting GRM only where its judge
+    prompts agree with each other (section 4.3). [P], [[Q per prompt]] -> (rate or None, pairs counted)."""
+    counted = agreed = 0
+    for p, qs in zip(p_irm, q_prompts):
+        if all(q > 0.5 for q in qs) or all(q < 0.5 for q in qs):
+            counted += 1
+            agreed += (p > 0.5) == (qs[0] > 0.5)
+    return (agreed / counted if counted else None), counted
+
+
+def measure_consistency(args, tokenizer, pairs, global_rows, model_path, path, identifier_ids, alpha_l):
+    """IRM (global reference) and unanimous GRM of the model at model_path on pairs, cached in path."""
+    scored = cached_jsonl(path, lambda: score_pairs(model_path, tokenizer, pairs, args, identifier_ids, alpha_l,
+                                                    f"IRM and GRM of {Path(model_path).name}"))
+    p_irm = [implicit_preference(*(torch.tensor(v) for v in (s["logp_1"], s["logp_2"], g["logp_1"], g["logp_2"])),
+                                 args.beta).item() for s, g in zip(scored, global_rows)]
+    return scored, p_irm, internal_consistency(p_irm, [s["q_prompts"] for s in scored])
 
 
 def run_scir_training(args, tokenizer, samples, t, out, identifier_ids):
@@ -653,8 +674,16 @@ def run_scir_training(args, tokenizer, samples, t, out, identifier_ids):
     global_path = args.global_reference or args.model
     global_ref = cached_jsonl(it / "logps_global.jsonl", lambda: score_pairs(
         global_path, tokenizer, pairs, args, identifier_ids, alpha_l, f"global reference {global_path}", False))
-    start = cached_jsonl(it / "start.jsonl", lambda: score_pairs(
-        out / f"M{t}", tokenizer, pairs, args, identifier_ids, alpha_l, f"local reference M{t}, judge"))
+    start, p_starts, (consistency_new, counted_new) = measure_consistency(
+        args, tokenizer, pairs, global_ref, out / f"M{t}", it / "start.jsonl", identifier_ids, alpha_l)
+    consistency_trained, counted_trained = None, 0
+    if t > 0:  # analysis: M_t on the pairs it was trained on, D_{t-1}
+        previous = out / f"iter{t}"
+        trained_pairs = [dict(row, sequences=pair_sequences(tokenizer, row, args.max_length))
+                         for row in cached_jsonl(previous / "samples.jsonl", None)]  # files of the last iteration
+        _, _, (consistency_trained, counted_trained) = measure_consistency(
+            args, tokenizer, trained_pairs, cached_jsonl(previous / "logps_global.jsonl", None), out / f"M{t}",
+            it / "trained_pairs_now.jsonl", identifier_ids, alpha_l)
     if not len(pairs) == len(global_ref) == len(start):
         fail(f"{it} holds reference log-probs of other pairs than {it / 'samples.jsonl'}: delete {it} to recompute")
     for pair, g, s in zip(pairs, global_ref, start):
@@ -667,9 +696,7 @@ def run_scir_training(args, tokenizer, samples, t, out, identifier_ids):
                     f"SCIR M{t} -> M{t + 1}")
     end = score_pairs(model, tokenizer, pairs, args, identifier_ids, alpha_l, f"IRM and GRM of M{t + 1}")
     rows, agree = [], 0
-    for pair, s, e in zip(pairs, start, end):
-        p_start = implicit_preference(*(torch.tensor(v) for v in (s["logp_1"], s["logp_2"], pair["global_logp_1"],
-                                                                   pair["global_logp_2"])), args.beta).item()
+    for pair, s, e, p_start in zip(pairs, start, end, p_starts):
         p_end = implicit_preference(*(torch.tensor(v) for v in (e["logp_1"], e["logp_2"], pair["global_logp_1"],
                                                                  pair["global_logp_2"])), args.beta).item()
         agree += (p_end > 0.5) == (e["q"] > 0.5)
@@ -677,7 +704,8 @@ def run_scir_training(args, tokenizer, samples, t, out, identifier_ids):
                      "response_2": pair["response_2"]["response"], "p_start": p_start, "q_start": s["q"],
                      "label_irm_start": int(p_start > 0.5), "label_grm_start": int(s["q"] > 0.5), "p_end": p_end,
                      "q_end": e["q"], "label_irm_end": int(p_end > 0.5), "label_grm_end": int(e["q"] > 0.5)})
-    summary["consistency_rate"] = agree / len(pairs)
+    summary.update(consistency_rate=agree / len(pairs), consistency_new=consistency_new, counted_new=counted_new,
+                   consistency_trained=consistency_trained, counted_trained=counted_trained)
     write_jsonl(it / "pairs.jsonl", rows)
     save_model(model, tokenizer, out / f"M{t + 1}", summary)
     del model
@@ -783,11 +811,12 @@ def check_same_settings(out, args):
 
 
 def print_table(rows):
-    columns = ["iteration", "consistency_rate", "dcpo_fraction", "loss", "consistency_loss", "dpo_loss",
-               "response_length"]
+    columns = ["iteration", "consistency_new", "consistency_trained", "consistency_rate", "dcpo_fraction", "loss",
+               "consistency_loss", "dpo_loss", "response_length"]
     print("\n" + " | ".join(columns))
     for row in rows:
-        print(" | ".join(f"{row[c]:.4f}" if isinstance(row[c], float) else str(row[c]) for c in columns))
+        print(" | ".join(f"{row[c]:.4f}" if isinstance(row[c], float) else "-" if row[c] is None else str(row[c])
+                         for c in columns))
 
 
 def main(argv=None):
@@ -836,6 +865,8 @@ def main(argv=None):
         metrics.append({"iteration": t + 1, "consistency_rate": summary["consistency_rate"],
                         "dcpo_fraction": summary["dcpo_fraction"], "loss": summary["loss"],
                         "consistency_loss": summary["consistency_loss"], "dpo_loss": summary["dpo_loss"],
+                        "consistency_new": summary["consistency_new"],
+                        "consistency_trained": summary["consistency_trained"],
                         "response_length": sum(len(s["token_ids"]) for row in samples for s in row["samples"])
                         / sum(len(row["samples"]) for row in samples), "pairs": len(samples), "too_long": too_long})
         write_jsonl(out / "metrics.jsonl", metrics)

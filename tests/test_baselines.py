@@ -216,3 +216,24 @@ def test_evaluate_needs_eval_jsonl(tmp_path, tiny_model_dir, data_dir):
         cream.main(["--model", tiny_model_dir, "--data_dir", data_dir, "--output_dir", str(tmp_path / "run"),
                     "--evaluate"])
     assert str(exit_info.value.code).startswith("cream.py: error:") and "eval.jsonl is missing" in str(exit_info.value.code)
+
+
+def test_internal_consistency_counts_only_unanimous_judge_prompts():
+    p_irm = [0.8, 0.3, 0.9, 0.2]
+    q_prompts = [[0.6, 0.7, 0.9, 0.8],   # judge unanimous for y1, IRM y1: agree
+                 [0.4, 0.6, 0.3, 0.2],   # judge prompts split: not counted
+                 [0.2, 0.1, 0.3, 0.4],   # judge unanimous for y2, IRM y1: disagree
+                 [0.3, 0.2, 0.1, 0.4]]   # both y2: agree
+    rate, counted = scir.internal_consistency(p_irm, q_prompts)
+    assert counted == 3 and rate == pytest.approx(2 / 3)
+    assert scir.internal_consistency([0.9], [[0.6, 0.4, 0.6, 0.6]]) == (None, 0)
+
+
+def test_per_prompt_judge_probabilities(monkeypatch, tiny_tokenizer):
+    """A judge that always names the first slot: y1 wins in the two prompts that show it first, loses in the others."""
+    tokenizer = scir.load_tokenizer(tiny_tokenizer.name_or_path)
+    monkeypatch.setattr(scir, "identifier_logits", lambda model, sequences, ids, pad: torch.tensor([[2.0, 0.5]] * len(sequences)))
+    per_prompt = scir.generative_preference(None, tokenizer, ("Q?",), ("5",), ("6",), (0, 1), 0.0, 700, per_prompt=True)
+    first = 1 / (1 + math.exp(-1.5))
+    assert per_prompt.shape == (1, 4)
+    assert per_prompt[0].tolist() == pytest.approx([first, 1 - first, first, 1 - first])
