@@ -28,7 +28,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, 
 from transformers.generation.configuration_utils import ContinuousBatchingConfig
 from transformers.hf_argparser import HfArg
 
-from prompts import chat_prompt
+from prompts import chat_prompt, fill_pointwise
 
 
 @dataclass
@@ -73,7 +73,8 @@ class Args:
         "score M0..M_T+1 on the test sets of ARC-Easy/Challenge, OpenBookQA, SIQA, GSM8K: greedy, exact match (Table 1)"))
     eval_limit: int = HfArg(default=None, help="score only the first N questions of each task")
     method: str = HfArg(default="cream", help=(
-        "'cream', or the baseline 'srlm': DPO rewarding without the regularisation, C = 1 (Table 1)"))
+        "'cream'; baselines: 'srlm' = DPO rewarding without the regularisation, C = 1 (Table 1); 'p-srlm' = "
+        "rewards from the Table 6 judge prompt, C = 1 (Table 6)"))
     seed: int = HfArg(default=42, help="same seed, same run")
     dtype: str = HfArg(default="auto", help=(
         "'auto' = bfloat16 on a GPU (with stochastic-rounding AdamW), float32 on CPU; or 'bfloat16' / 'float32'"))
@@ -404,13 +405,13 @@ def cache_config(model, num_requests, longest):
 
 
 @torch.no_grad()
-def sample_responses(model, tokenizer, prompts, args, greedy=False):
+def sample_responses(model, tokenizer, prompts, args, greedy=False, num_samples=None):
     """N samples per prompt (or one greedy reply) with continuous batching (`generate_batch`: paged KV cache)."""
     if model.device.type == "cpu":  # it logs that psutil is missing on every CPU call
         logging.getLogger("ContinuousBatchingLogger").setLevel(logging.CRITICAL)
     model_eos = model.generation_config.eos_token_id  # Llama-3-Instruct: <|end_of_text|> and <|eot_id|>
     eos_ids = {tokenizer.eos_token_id} | set(model_eos if isinstance(model_eos, list) else [model_eos] if model_eos else [])
-    num_samples = 1 if greedy else args.num_samples
+    num_samples = 1 if greedy else num_samples or args.num_samples
     sampling = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=args.temperature, top_p=args.top_p,
                                                          top_k=0)
     config = GenerationConfig(**sampling, max_new_tokens=args.max_new_tokens, num_return_sequences=num_samples,
@@ -536,16 +537,45 @@ def build_pairs(samples_rows, reward_rows, consistency, scope):
     pairs = []
     for row in samples_rows:
         rewards = rewards_by_id[row["id"]]
-        r = torch.tensor(rewards["r"])
-        best, worst = int(r.argmax()), int(r.argmin())
+        r = rewards["r"]
+        usable = [i for i, value in enumerate(r) if value is not None]  # P-SRLM: a judgement without a score
+        if len(usable) < 2:
+            continue
+        best, worst = max(usable, key=r.__getitem__), min(usable, key=r.__getitem__)  # first of equals, as argmax
         if r[best] == r[worst]:
             continue
         chosen, rejected = row["samples"][best], row["samples"][worst]
         pairs.append({"id": row["id"], "prompt": row["prompt"], "chosen": chosen["response"],
                       "rejected": rejected["response"], "chosen_ids": chosen["token_ids"],
-                      "rejected_ids": rejected["token_ids"], "ref_chosen_logp": rewards["logps_t"][best], "ref_rejected_logp": rewards["logps_t"][worst],
+                      "rejected_ids": rejected["token_ids"], "ref_chosen_logp": rewards["logps_t"][best],
+                      "ref_rejected_logp": rewards["logps_t"][worst],
                       "consistency": consistency if scope == "dataset" else (rewards["tau"] + 1) / 2})
     return pairs
+
+
+# --------------------------------------------------------------------------------------------------------
+# Baseline P-SRLM (Table 6): prompt rewarding, M_t scores each response with the Self-Rewarding judge prompt
+# --------------------------------------------------------------------------------------------------------
+SCORE = re.compile(r"(?i:score)\**(?:\s*[:：]|\s+of|\s+is)?\s*\**\s*(\d+(?:\.\d+)?)(?:\s*(?:/|out of)\s*5)?")
+
+
+def parse_score(judgement):
+    """The last 'Score: N' of a judgement, N in 0..5 ('**Score:** 4', 'score of 4', 'Score: 4/5' too), else None."""
+    scores = [float(n) for n in SCORE.findall(judgement) if 0 <= float(n) <= 5]
+    return scores[-1] if scores else None
+
+
+def judge_samples(model_path, tokenizer, samples_rows, args):
+    """One sampled judgement per response from M_t (SCIR Table 6 prompt, as Self-Rewarding) -> per-prompt scores."""
+    model = load_model(model_path, args).eval()
+    prompts = [fill_pointwise(row["prompt"], s["response"]) for row in samples_rows for s in row["samples"]]
+    judgements = [reply for (reply,) in sample_responses(model, tokenizer, prompts, args, num_samples=1)]
+    del model
+    rows, n = [], len(samples_rows[0]["samples"])
+    for j, row in enumerate(samples_rows):
+        texts = [reply["response"] for reply in judgements[j * n: (j + 1) * n]]
+        rows.append({"id": row["id"], "scores": [parse_score(text) for text in texts], "judgements": texts})
+    return rows
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -717,8 +747,8 @@ def parse_args(argv=None):
         fail("--consistency_scope pair takes each pair's (tau+1)/2: use it with --consistency_measure kendall")
     if args.eval_limit is not None and args.eval_limit < 1:
         fail(f"--eval_limit must be at least 1, got {args.eval_limit}")
-    if args.method not in ("cream", "srlm"):
-        fail(f"--method must be cream or srlm, got {args.method!r}")
+    if args.method not in ("cream", "srlm", "p-srlm"):
+        fail(f"--method must be cream, srlm or p-srlm, got {args.method!r}")
     if args.dtype not in ("auto", "bfloat16", "float32"):
         fail(f"--dtype must be auto, bfloat16 or float32, got {args.dtype!r}")
     if args.sft_epochs < 0 or args.epochs < 1:
@@ -816,21 +846,28 @@ def main(argv=None):
                 fail(f"{it / f'logps_{name}.jsonl'} does not match {it / 'samples.jsonl'}: delete {it} to recompute")
         reward_rows = cached_jsonl(it / "rewards.jsonl", lambda: rewards_and_consistency(  # lines 6-10
             samples, logps["t"], logps.get("prev"), logps["0"], t))
-        if args.method == "srlm":  # the baseline trusts every self-label: plain DPO
+        pair_rewards, unusable = reward_rows, 0
+        if args.method == "p-srlm":  # baseline: the judge's scores rank the responses instead of Eq. 3.9
+            judged = cached_jsonl(it / "judgements.jsonl", lambda: judge_samples(out / f"M{t}", tokenizer, samples, args))
+            pair_rewards = [dict(row, r=j["scores"]) for row, j in zip(reward_rows, judged)]
+            unusable = sum(score is None for j in judged for score in j["scores"])
+        if args.method in ("srlm", "p-srlm"):  # the baselines trust every self-label: plain DPO
             consistency, scope = 1.0, "dataset"
         else:  # line 11
             consistency, scope = measured_consistency(reward_rows, args.consistency_measure), args.consistency_scope
         pairs = cached_jsonl(it / "pairs.jsonl", lambda: build_pairs(  # lines 12-13
-            samples, reward_rows, consistency, scope))
+            samples, pair_rewards, consistency, scope))
         if not pairs:
-            fail(f"iteration {t}: every prompt's rewards tie, no pair to train on")
+            fail(f"iteration {t}: no prompt has two responses with different rewards, no pair to train on"
+                 + (f" ({unusable} judgements gave no score)" if unusable else ""))
         if not (out / f"M{t + 1}").exists():  # line 14
             run_preference_training(args, tokenizer, pairs, t, out)
         summary = json.loads((out / f"M{t + 1}" / "training_summary.json").read_text())
         mean = lambda key: sum(row[key] for row in reward_rows) / len(reward_rows)
         metrics.append({"iteration": t, "consistency": consistency, "kendall": mean("tau"),
                         "spearman": mean("spearman"), "top_order": mean("top_order"), "pairs": len(pairs),
-                        "skipped": len(samples) - len(pairs), "too_long": too_long, "loss": summary["loss"],
+                        "skipped": len(samples) - len(pairs), "too_long": too_long, "unusable_judgements": unusable,
+                        "loss": summary["loss"],
                         "reward_accuracy": summary["reward_accuracy"], "reward_margin": summary["reward_margin"],
                         "response_length": sum(len(s["token_ids"]) for row in samples for s in row["samples"])
                         / sum(len(row["samples"]) for row in samples)})

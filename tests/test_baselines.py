@@ -237,3 +237,47 @@ def test_per_prompt_judge_probabilities(monkeypatch, tiny_tokenizer):
     first = 1 / (1 + math.exp(-1.5))
     assert per_prompt.shape == (1, 4)
     assert per_prompt[0].tolist() == pytest.approx([first, 1 - first, first, 1 - first])
+
+
+@pytest.mark.parametrize("judgement, expected", [
+    ("The response is relevant and helpful.\nScore: 4", 4.0),
+    ("**Score:** 3", 3.0),
+    ("Total score of 5 points.", 5.0),
+    ("Score: 4/5", 4.0),
+    ("Score: 2 ... on reflection, Score: 5", 5.0),       # the conclusion is the last one
+    ("score is 1.5", 1.5),
+    ("Score: 7", None),                                 # outside the additive 0-5 scale
+    ("I would give it four points.", None),
+    ("", None),
+    ("Score:\n", None),
+])
+def test_parse_score(judgement, expected):
+    assert cream.parse_score(judgement) == expected
+
+
+def test_build_pairs_leaves_out_unusable_scores():
+    samples = [{"id": "a", "prompt": "p", "samples": [{"response": str(i), "token_ids": [i]} for i in range(4)]},
+               {"id": "b", "prompt": "q", "samples": [{"response": str(i), "token_ids": [i]} for i in range(4)]}]
+    rewards = [{"id": "a", "r": [None, 2.0, 5.0, None], "logps_t": [0.0, -1.0, -2.0, -3.0], "tau": 0.0},
+               {"id": "b", "r": [None, 3.0, None, None], "logps_t": [0.0] * 4, "tau": 0.0}]
+    (pair,) = cream.build_pairs(samples, rewards, 1.0, "dataset")
+    assert (pair["id"], pair["chosen"], pair["rejected"]) == ("a", "2", "1")
+    assert (pair["ref_chosen_logp"], pair["ref_rejected_logp"]) == (-2.0, -1.0)
+
+
+def test_p_srlm_pairs_follow_the_judge_scores(monkeypatch, tmp_path, tiny_model_dir, data_dir):
+    """A random tiny model writes no 'Score: N', so the scores are patched: the judgement's length mod 5."""
+    monkeypatch.setattr(cream, "parse_score", lambda text: float(len(text) % 5))
+    out = tmp_path / "run"
+    cream.main(["--model", tiny_model_dir, "--data_dir", data_dir, "--output_dir", str(out), "--method", "p-srlm",
+                *map(str, CREAM_SMALL), "--max_new_tokens", "12"])
+    judged = {row["id"]: [len(text) % 5 for text in row["judgements"]] for row in read_jsonl(out / "iter1" / "judgements.jsonl")}
+    samples = {row["id"]: [s["response"] for s in row["samples"]] for row in read_jsonl(out / "iter1" / "samples.jsonl")}
+    pairs = read_jsonl(out / "iter1" / "pairs.jsonl")
+    assert pairs and all(pair["consistency"] == 1.0 for pair in pairs)
+    for pair in pairs:
+        scores, responses = judged[pair["id"]], samples[pair["id"]]
+        assert scores[responses.index(pair["chosen"])] == max(scores)
+        assert scores[responses.index(pair["rejected"])] == min(scores)
+    (metrics,) = read_jsonl(out / "metrics.jsonl")
+    assert metrics["unusable_judgements"] == 0 and metrics["pairs"] == len(pairs)
