@@ -760,10 +760,13 @@ def parse_args(argv=None):
     return args
 
 
+AFTER_THE_FACT = ("output_dir", "evaluate", "eval_limit")  # may change between reruns: they touch no training file
+
+
 def check_same_settings(out, args):
     """Resuming is only sound with the settings that made the files: refuse a folder made with other ones."""
     path = out / "args.json"
-    current = {k: v for k, v in asdict(args).items() if k != "output_dir"}
+    current = {k: v for k, v in asdict(args).items() if k not in AFTER_THE_FACT}
     if path.exists():
         saved = json.loads(path.read_text())
         changed = [f"--{k} {saved.get(k)!r} (now {v!r})" for k, v in current.items() if saved.get(k) != v]
@@ -790,7 +793,8 @@ def evaluate_models(args, tokenizer, tests, out):
     table = []
     for k in range(args.iterations + 2):
         path = args.model if k == 0 else out / f"M{k}"
-        rows = cached_jsonl(out / "eval" / f"M{k}.jsonl", lambda: run_evaluation(path, tokenizer, tests, args))
+        name = f"M{k}" + (f"-first{args.eval_limit}" if args.eval_limit else "")
+        rows = cached_jsonl(out / "eval" / f"{name}.jsonl", lambda: run_evaluation(path, tokenizer, tests, args))
         for task in tasks:
             scored = [row["correct"] for row in rows if row["task"] == task]
             table.append({"model": f"M{k}", "task": task, "accuracy": sum(scored) / len(scored), "n": len(scored)})

@@ -203,7 +203,7 @@ def test_evaluate_through_the_cli(tmp_path, tiny_model_dir, data_dir, run_script
     assert [(row["model"], row["task"], row["n"]) for row in table] == [
         (f"M{k}", task, n) for k in range(3) for task, n in (("arc_easy", 2), ("gsm8k", 1))]
     for k in range(3):  # each model's replies are kept, one per question within the limit
-        rows = read_jsonl(out / "eval" / f"M{k}.jsonl")
+        rows = read_jsonl(out / "eval" / f"M{k}-first2.jsonl")
         assert [row["prompt"] for row in rows] == [r["prompt"] for r in eval_rows[:2] + eval_rows[3:]]
         for task in ("arc_easy", "gsm8k"):
             accuracy = next(row["accuracy"] for row in table if row["model"] == f"M{k}" and row["task"] == task)
