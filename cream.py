@@ -195,6 +195,9 @@ def load_data(args):
         if not (data_dir / name).is_file():
             fail(f"{data_dir / name} is missing")
     tests = read_jsonl(data_dir / "eval.jsonl", ["prompt", "answer", "task"]) if args.evaluate else []
+    for number, row in enumerate(tests, 1):
+        if not re.fullmatch(rf"[A-E]|{NUMBER}", row["answer"]):
+            fail(f"{data_dir / 'eval.jsonl'}: row {number}: answer {row['answer']!r} is neither a letter A-E nor a number")
     return read_jsonl(data_dir / "sft.jsonl", ["prompt", "response"]), read_jsonl(data_dir / "prompts.jsonl", ["prompt"]), tests
 
 
@@ -556,12 +559,21 @@ def build_pairs(samples_rows, reward_rows, consistency, scope):
 # --------------------------------------------------------------------------------------------------------
 # Baseline P-SRLM (Table 6): prompt rewarding, M_t scores each response with the Self-Rewarding judge prompt
 # --------------------------------------------------------------------------------------------------------
-SCORE = re.compile(r"(?i:score)\**(?:\s*[:：]|\s+of|\s+is)?\s*\**\s*(\d+(?:\.\d+)?)(?:\s*(?:/|out of)\s*5)?")
+SCORE = re.compile(r"(?i:score)\**(?:\s*[:：=]|\s+of|\s+is)?[\s*\[<]*"
+                   r"(\d+(?:\.\d+)?(?:\s*\+\s*\d+(?:\.\d+)?)*(?:\s*=\s*\d+(?:\.\d+)?)?)"  # N, or a tally 1 + 1 = 2
+                   r"[\]>*]*(?:\s*(?:/|out of)\s*(\d+))?")                              # an optional denominator
 
 
 def parse_score(judgement):
-    """The last 'Score: N' of a judgement, N in 0..5 ('**Score:** 4', 'score of 4', 'Score: 4/5' too), else None."""
-    scores = [float(n) for n in SCORE.findall(judgement) if 0 <= float(n) <= 5]
+    """The last 'Score: N' of a judgement, N in 0..5 ('**Score:** 4', 'score of 4', 'Score: 4/5', 'Score: 3 + 1 = 4'
+    too; 'Score: 5/10' is on another scale and not read), else None."""
+    scores = []
+    for tally, denominator in SCORE.findall(judgement):
+        if denominator and denominator != "5":
+            continue
+        total = float(tally.split("=")[-1]) if "=" in tally else sum(float(term) for term in tally.split("+"))
+        if 0 <= total <= 5:
+            scores.append(total)
     return scores[-1] if scores else None
 
 
@@ -624,6 +636,7 @@ def run_preference_training(args, tokenizer, pairs, t, out):
 # --------------------------------------------------------------------------------------------------------
 # Evaluation (Table 1): greedy, zero-shot, exact match on the five tasks' test sets
 # --------------------------------------------------------------------------------------------------------
+# Only test questions get this line; the prompt pool D_U keeps the bare questions, as the paper builds it
 EVAL_SUFFIX = {"choice": "\n\nEnd your reply with 'Answer: X', where X is the letter of the correct option.",
                "number": "\n\nSolve it step by step and end your reply with 'Answer: N', where N is the final number."}
 NUMBER = r"-?\d[\d,]*(?:\.\d+)?"
@@ -636,12 +649,17 @@ def answer_kind(answer):
 def extract_answer(reply, kind):
     """The answer a reply gives: a letter A-E or a number without commas; None if it gives none.
 
-    Letters are read from 'Answer: X' / 'answer is (X)', then '(X)', then a reply that is only 'X' or 'X.', and only in
-    upper case: the English word 'a' is never an answer (anchors #6). Numbers from '#### N', then 'Answer: N', then
+    Letters are read from 'Answer: X' / 'answer is (X)' / '**Answer:** X', then '(X)', then a reply that is only 'X'
+    or 'X.', and only in upper case: the English word 'a' is never an answer (anchors #6). Numbers from '#### N', then 'Answer: N', then
     the last number in the reply.
     """
     if kind == "choice":
-        patterns = [r"(?i:answer)\s*(?:(?i:is)\s*)?:?\s*\(?([A-E])\b", r"\(([A-E])\)", r"^\s*([A-E])[.)]?\s*$"]
+        stated = re.findall(r"(?i:answer)(?:\s*(?i:is))?[\s:*-]*(?:(?i:option)\s*)?\(?\**([A-E])\b(?![.]?[a-z])"
+                            r"(?:\**\)?\s+(?:or|and)\s+\(?\**([A-E])\b)?", reply)
+        if stated:  # 'Answer: **B**', 'the answer is option C'; 'Answer: B or C' hedges, and answers nothing
+            first, alternative = stated[-1]
+            return first if not alternative or alternative == first else None
+        patterns = [r"\(([A-E])\)", r"^\s*\**([A-E])\**[.)]?\s*$"]
     else:
         patterns = [rf"####\s*\$?({NUMBER})", rf"(?i:answer)\s*(?:(?i:is)\s*)?:?\s*\$?({NUMBER})", rf"({NUMBER})"]
     for pattern in patterns:

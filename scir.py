@@ -608,12 +608,13 @@ def pair_forward(model, tokenizer, batch, args, identifier_ids, alpha_l, with_ju
     logps = sequence_logps(model, input_ids, attention_mask, labels != -100).view(-1, 2)
     if not with_judge:
         return logps[:, 0], logps[:, 1], None
-    p_grm = generative_preference(model, tokenizer, [p["prompt"] for p in batch],
-                                  [p["response_1"]["response"] for p in batch], [p["response_2"]["response"] for p in batch],
-                                  identifier_ids, alpha_l, args.max_length,
-                                  [len(p["response_1"]["token_ids"]) for p in batch],
-                                  [len(p["response_2"]["token_ids"]) for p in batch],
-                                  num_prompts=1 if args.single_judge_prompt else 4, per_prompt=per_prompt)
+    with torch.set_grad_enabled(torch.is_grad_enabled() and not args.no_consistency_loss):  # Q then only masks DPO
+        p_grm = generative_preference(model, tokenizer, [p["prompt"] for p in batch],
+                                      [p["response_1"]["response"] for p in batch], [p["response_2"]["response"] for p in batch],
+                                      identifier_ids, alpha_l, args.max_length,
+                                      [len(p["response_1"]["token_ids"]) for p in batch],
+                                      [len(p["response_2"]["token_ids"]) for p in batch],
+                                      num_prompts=1 if args.single_judge_prompt else 4, per_prompt=per_prompt)
     return logps[:, 0], logps[:, 1], p_grm
 
 
@@ -646,6 +647,11 @@ def score_pairs(model_path_or_model, tokenizer, pairs, args, identifier_ids, alp
     return results
 
 
+def agree(p, q):
+    """IRM and GRM pick the same response; a probability of exactly 0.5 picks none, so it agrees with nothing."""
+    return (p > 0.5 and q > 0.5) or (p < 0.5 and q < 0.5)
+
+
 def internal_consistency(p_irm, q_prompts):
     """Analysis (Table 1, Figure 2): share of pairs on which IRM and GRM agree, counting GRM only where its judge
     prompts agree with each other (section 4.3). [P], [[Q per prompt]] -> (rate or None, pairs counted)."""
@@ -653,7 +659,7 @@ def internal_consistency(p_irm, q_prompts):
     for p, qs in zip(p_irm, q_prompts):
         if all(q > 0.5 for q in qs) or all(q < 0.5 for q in qs):
             counted += 1
-            agreed += (p > 0.5) == (qs[0] > 0.5)
+            agreed += agree(p, qs[0])
     return (agreed / counted if counted else None), counted
 
 
@@ -679,8 +685,11 @@ def run_scir_training(args, tokenizer, samples, t, out, identifier_ids):
     consistency_trained, counted_trained = None, 0
     if t > 0:  # analysis: M_t on the pairs it was trained on, D_{t-1}
         previous = out / f"iter{t}"
+        for name in ("samples.jsonl", "logps_global.jsonl"):
+            if not (previous / name).exists():
+                fail(f"{previous / name} is missing: M{t} was trained on it; rerun from M{t - 1} to rebuild it")
         trained_pairs = [dict(row, sequences=pair_sequences(tokenizer, row, args.max_length))
-                         for row in cached_jsonl(previous / "samples.jsonl", None)]  # files of the last iteration
+                         for row in cached_jsonl(previous / "samples.jsonl", None)]
         _, _, (consistency_trained, counted_trained) = measure_consistency(
             args, tokenizer, trained_pairs, cached_jsonl(previous / "logps_global.jsonl", None), out / f"M{t}",
             it / "trained_pairs_now.jsonl", identifier_ids, alpha_l)
@@ -695,16 +704,16 @@ def run_scir_training(args, tokenizer, samples, t, out, identifier_ids):
     summary = train(model, batches, scir_batch_loss(args, tokenizer, identifier_ids, alpha_l), args.lr, args,
                     f"SCIR M{t} -> M{t + 1}")
     end = score_pairs(model, tokenizer, pairs, args, identifier_ids, alpha_l, f"IRM and GRM of M{t + 1}")
-    rows, agree = [], 0
+    rows, agreed = [], 0
     for pair, s, e, p_start in zip(pairs, start, end, p_starts):
         p_end = implicit_preference(*(torch.tensor(v) for v in (e["logp_1"], e["logp_2"], pair["global_logp_1"],
                                                                  pair["global_logp_2"])), args.beta).item()
-        agree += (p_end > 0.5) == (e["q"] > 0.5)
+        agreed += agree(p_end, e["q"])
         rows.append({"id": pair["id"], "prompt": pair["prompt"], "response_1": pair["response_1"]["response"],
                      "response_2": pair["response_2"]["response"], "p_start": p_start, "q_start": s["q"],
                      "label_irm_start": int(p_start > 0.5), "label_grm_start": int(s["q"] > 0.5), "p_end": p_end,
                      "q_end": e["q"], "label_irm_end": int(p_end > 0.5), "label_grm_end": int(e["q"] > 0.5)})
-    summary.update(consistency_rate=agree / len(pairs), consistency_new=consistency_new, counted_new=counted_new,
+    summary.update(consistency_rate=agreed / len(pairs), consistency_new=consistency_new, counted_new=counted_new,
                    consistency_trained=consistency_trained, counted_trained=counted_trained)
     write_jsonl(it / "pairs.jsonl", rows)
     save_model(model, tokenizer, out / f"M{t + 1}", summary)
@@ -784,6 +793,8 @@ def parse_args(argv=None):
         fail(f"--score_batch_size must be at least 2 (one pair), got {args.score_batch_size}")
     if args.max_length <= args.max_new_tokens:
         fail(f"--max_length {args.max_length} leaves no room for a prompt with --max_new_tokens {args.max_new_tokens}")
+    if args.no_consistency_loss and args.no_dcpo:
+        fail("--no_consistency_loss with --no_dcpo leaves Eq. 7 empty: nothing would be trained")
     if not 0.5 <= args.tau < 1:
         fail(f"--tau must be in [0.5, 1), got {args.tau}")
     if args.dtype not in ("auto", "bfloat16", "float32"):

@@ -281,3 +281,44 @@ def test_p_srlm_pairs_follow_the_judge_scores(monkeypatch, tmp_path, tiny_model_
         assert scores[responses.index(pair["rejected"])] == min(scores)
     (metrics,) = read_jsonl(out / "metrics.jsonl")
     assert metrics["unusable_judgements"] == 0 and metrics["pairs"] == len(pairs)
+
+
+@pytest.mark.parametrize("reply, expected", [
+    ("**Answer:** C", "C"), ("Answer: **B**", "B"), ("The answer is option C", "C"),
+    ("Answer: B or C", None),                      # a hedge answers nothing
+    ("answer: E.g. the first one", None),          # 'E.g.' is no option E
+])
+def test_extract_choice_markdown_and_hedges(reply, expected):
+    assert cream.extract_answer(reply, "choice") == expected
+
+
+@pytest.mark.parametrize("judgement, expected", [
+    ("Score: 5/10", None), ("Score: 1 out of 10", None),   # another scale
+    ("Score: 4 + 1 = 5", 5.0), ("Score: 1+1+1", 3.0),     # additive tallies
+    ("Score = 4", 4.0), ("Score: [4]", 4.0), ("Score: <4>", 4.0),
+])
+def test_parse_score_scales_and_tallies(judgement, expected):
+    assert cream.parse_score(judgement) == expected
+
+
+def test_agreement_needs_both_to_pick_a_side():
+    assert scir.agree(0.7, 0.6) and scir.agree(0.2, 0.4)
+    assert not scir.agree(0.5, 0.3) and not scir.agree(0.7, 0.5) and not scir.agree(0.7, 0.3)
+
+
+def test_both_loss_terms_ablated_is_refused():
+    with pytest.raises(SystemExit) as exit_info:
+        scir.parse_args(["--no_consistency_loss", "--no_dcpo"])
+    assert str(exit_info.value.code).startswith("scir.py: error:")
+
+
+def test_eval_answers_are_checked_before_any_model_runs(tmp_path, data_dir):
+    import shutil
+
+    local = tmp_path / "data"
+    shutil.copytree(data_dir, local)
+    (local / "eval.jsonl").write_text(json.dumps({"task": "arc_easy", "prompt": "Q?", "answer": "b"}) + "\n")
+    with pytest.raises(SystemExit) as exit_info:
+        cream.main(["--model", "/no/such/model", "--data_dir", str(local), "--output_dir", str(tmp_path / "run"),
+                    "--evaluate"])
+    assert "eval.jsonl: row 1: answer 'b'" in str(exit_info.value.code)
