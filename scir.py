@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import random
+import re
 import shutil
 import sys
 from dataclasses import asdict, dataclass, fields
@@ -28,7 +29,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, 
 from transformers.generation.configuration_utils import ContinuousBatchingConfig
 from transformers.hf_argparser import HfArg
 
-from prompts import ANSWER_PREFIX, chat_prompt, identifier_token_ids, judge_prompts
+from prompts import ANSWER_PREFIX, chat_prompt, fill_pointwise, identifier_token_ids, judge_prompts
 
 
 @dataclass
@@ -70,6 +71,9 @@ class Args:
         "alpha_l of the judge's length regularisation o' = o - alpha_l |y|, |y| in tokens (section 3.3, 4.1)"))
     length_reg_from: int = HfArg(default=3, help=(
         "first iteration (1 = M0 -> M1) that uses it: the third for Mistral-7B, the second for -Instruct (4.1)"))
+    method: str = HfArg(default="scir", help=(
+        "'scir'; Table 2 baselines ranking the 4 responses once, best vs worst, DPO with reference M_t: 'srlm' by "
+        "the pointwise Table 6 judge, 'irm' by the implicit reward (global reference)"))
     no_consistency_loss: bool = HfArg(default=False, help="ablation (Table 4): drop Eq. 6 from Eq. 7")
     no_dcpo: bool = HfArg(default=False, help="ablation (Table 4): drop the DPO term of Eq. 7, keep consistency training")
     single_judge_prompt: bool = HfArg(default=False, help="ablation (Table 4): Q from template 1 in one order only")
@@ -377,7 +381,8 @@ def sft_loss(model, batch):
 
 
 def run_sft(args, tokenizer, sft_rows, judge_rows, out):
-    rows = sft_rows + judge_sft_examples(judge_rows, args.judge_pairs, args.seed)
+    judge = judge_sft_examples(judge_rows, args.judge_pairs, args.seed) if args.method == "scir" else []
+    rows = sft_rows + judge
     examples = []
     for row in rows:
         prompt_ids, response_ids = encode(tokenizer, row["prompt"], row["response"], row.get("answer_prefix", ""))
@@ -406,21 +411,22 @@ def cache_config(model, num_requests, longest):
 
 
 @torch.no_grad()
-def sample_responses(model, tokenizer, prompts, args):
+def sample_responses(model, tokenizer, prompts, args, num_samples=None):
     """N samples per prompt with continuous batching (`generate_batch`: a paged KV cache, no padding)."""
     if model.device.type == "cpu":  # it logs that psutil is missing on every CPU call
         logging.getLogger("ContinuousBatchingLogger").setLevel(logging.CRITICAL)
     model_eos = model.generation_config.eos_token_id
     eos_ids = {tokenizer.eos_token_id} | set(model_eos if isinstance(model_eos, list) else [model_eos] if model_eos else [])
+    num_samples = num_samples or args.num_samples
     config = GenerationConfig(do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=0,
-                              max_new_tokens=args.max_new_tokens, num_return_sequences=args.num_samples,
+                              max_new_tokens=args.max_new_tokens, num_return_sequences=num_samples,
                               eos_token_id=sorted(eos_ids), pad_token_id=tokenizer.pad_token_id)
     inputs = [encode(tokenizer, p) for p in prompts]
-    cache = cache_config(model, len(inputs) * args.num_samples, max(map(len, inputs)) + args.max_new_tokens)
+    cache = cache_config(model, len(inputs) * num_samples, max(map(len, inputs)) + args.max_new_tokens)
     outputs = model.generate_batch(inputs=inputs, generation_config=config, continuous_batching_config=cache,
                                    progress_bar=True)
-    if len(outputs) != len(prompts) * args.num_samples:
-        fail(f"generation returned {len(outputs)} of {len(prompts) * args.num_samples} responses")
+    if len(outputs) != len(prompts) * num_samples:
+        fail(f"generation returned {len(outputs)} of {len(prompts) * num_samples} responses")
     grouped = [[] for _ in prompts]  # request ids are req_<prompt index>[__child#k]
     for request_id, output in outputs.items():
         if output.error is not None:
@@ -721,6 +727,108 @@ def run_scir_training(args, tokenizer, samples, t, out, identifier_ids):
 
 
 # --------------------------------------------------------------------------------------------------------
+# Baselines (Table 2): rank the 4 responses once, before training, then DPO on best vs worst
+# --------------------------------------------------------------------------------------------------------
+SCORE = re.compile(r"(?i:score)\**(?:\s*[:：=]|\s+of|\s+is)?[\s*\[<]*"
+                   r"(\d+(?:\.\d+)?(?:\s*\+\s*\d+(?:\.\d+)?)*(?:\s*=\s*\d+(?:\.\d+)?)?)"  # N, or a tally 1 + 1 = 2
+                   r"[\]>*]*(?:\s*(?:/|out of)\s*(\d+))?")                              # an optional denominator
+
+
+def parse_score(judgement):
+    """The last 'Score: N' of a judgement, N in 0..5 ('**Score:** 4', 'score of 4', 'Score: 4/5', 'Score: 3 + 1 = 4'
+    too; 'Score: 5/10' is on another scale and not read), else None."""
+    scores = []
+    for tally, denominator in SCORE.findall(judgement):
+        if denominator and denominator != "5":
+            continue
+        total = float(tally.split("=")[-1]) if "=" in tally else sum(float(term) for term in tally.split("+"))
+        if 0 <= total <= 5:
+            scores.append(total)
+    return scores[-1] if scores else None
+
+
+def judge_samples(model_path, tokenizer, samples_rows, args):
+    """Self-Rewarding: one sampled Table 6 judgement per response from M_t -> per-prompt scores (None: no score)."""
+    model = load_model(model_path, args).eval()
+    prompts = [fill_pointwise(row["prompt"], s["response"]) for row in samples_rows for s in row["samples"]]
+    judgements = [reply for (reply,) in sample_responses(model, tokenizer, prompts, args, num_samples=1)]
+    del model
+    rows, n = [], len(samples_rows[0]["samples"])
+    for j, row in enumerate(samples_rows):
+        texts = [reply["response"] for reply in judgements[j * n: (j + 1) * n]]
+        rows.append({"id": row["id"], "scores": [parse_score(text) for text in texts], "judgements": texts})
+    return rows
+
+
+@torch.no_grad()
+def score_logps(model_path, sequences, tokenizer, args, desc):
+    """[(prompt_ids, response_ids)] -> summed response log-probs under the model at model_path."""
+    model = load_model(model_path, args).eval()
+    logps = []
+    for start in tqdm(range(0, len(sequences), args.score_batch_size), desc=desc):
+        input_ids, attention_mask, labels = (t.to(model.device) for t in collate(
+            sequences[start: start + args.score_batch_size], tokenizer.pad_token_id))
+        logps += sequence_logps(model, input_ids, attention_mask, labels != -100).tolist()
+    del model
+    return logps
+
+
+def dpo_batch_loss(args, tokenizer):
+    def loss_fn(model, batch):
+        """Chosen and rejected of a micro-batch stacked into one forward pass; Eq. 3 against M_t."""
+        sequences = [p["chosen_sequence"] for p in batch] + [p["rejected_sequence"] for p in batch]
+        input_ids, attention_mask, labels = (t.to(model.device) for t in collate(sequences, tokenizer.pad_token_id))
+        chosen, rejected = sequence_logps(model, input_ids, attention_mask, labels != -100).split(len(batch))
+        ref = lambda key: torch.tensor([p[key] for p in batch], device=model.device)
+        losses = dpo_loss(chosen, rejected, ref("ref_chosen_logp"), ref("ref_rejected_logp"), args.beta)
+        return {"loss": losses.mean(), "dpo_loss": losses.mean().detach()}
+    return loss_fn
+
+
+def run_baseline_training(args, tokenizer, samples, t, out, identifier_ids=None):
+    """SRLM (judge scores) or IRM (log pi_t - log pi_ref^g) ranks each prompt's responses; DPO on best vs worst."""
+    it = out / f"iter{t + 1}"
+    sequences = []
+    for row in samples:
+        prompt_ids = encode(tokenizer, row["prompt"])
+        sequences += [(prompt_ids, s["token_ids"][: args.max_length - len(prompt_ids)]) for s in row["samples"]]
+    local = [r["logp"] for r in cached_jsonl(it / "logps_local.jsonl", lambda: [
+        {"logp": v} for v in score_logps(out / f"M{t}", sequences, tokenizer, args, f"log-probs under M{t}")])]
+    unusable = 0
+    if args.method == "irm":
+        global_path = args.global_reference or args.model
+        global_ = [r["logp"] for r in cached_jsonl(it / "logps_global.jsonl", lambda: [
+            {"logp": v} for v in score_logps(global_path, sequences, tokenizer, args, f"log-probs under {global_path}")])]
+        rewards = [a - b for a, b in zip(local, global_)]
+    else:
+        judged = cached_jsonl(it / "judgements.jsonl", lambda: judge_samples(out / f"M{t}", tokenizer, samples, args))
+        rewards = [score for row in judged for score in row["scores"]]
+        unusable = sum(score is None for score in rewards)
+    pairs, n = [], len(samples[0]["samples"])
+    for j, row in enumerate(samples):
+        r = rewards[j * n: (j + 1) * n]
+        usable = [i for i, value in enumerate(r) if value is not None]
+        if len(usable) < 2 or max(r[i] for i in usable) == min(r[i] for i in usable):
+            continue  # no score, or all tie: no pair
+        best, worst = max(usable, key=r.__getitem__), min(usable, key=r.__getitem__)
+        pairs.append({"id": row["id"], "prompt": row["prompt"], "chosen": row["samples"][best]["response"],
+                      "rejected": row["samples"][worst]["response"], "rewards": r,
+                      "chosen_sequence": sequences[j * n + best], "rejected_sequence": sequences[j * n + worst],
+                      "ref_chosen_logp": local[j * n + best], "ref_rejected_logp": local[j * n + worst]})
+    if not pairs:
+        fail(f"iteration {t + 1}: no prompt has two responses with different rewards"
+             + (f" ({unusable} judgements gave no score)" if unusable else ""))
+    batches = [b for epoch in range(args.epochs) for b in micro_batches(pairs, args.batch_size, args.seed + t + epoch)]
+    model = load_model(out / f"M{t}", args)
+    torch.manual_seed(args.seed + 1000 * t + 1)
+    summary = train(model, batches, dpo_batch_loss(args, tokenizer), args.lr, args, f"{args.method} M{t} -> M{t + 1}")
+    summary.update(pairs=len(pairs), unusable_judgements=unusable)
+    write_jsonl(it / "pairs.jsonl", [{k: v for k, v in p.items() if not k.endswith("_sequence")} for p in pairs])
+    save_model(model, tokenizer, out / f"M{t + 1}", summary)
+    del model
+
+
+# --------------------------------------------------------------------------------------------------------
 # Demo: a tiny random Llama and a byte-level BPE tokenizer built here, so the whole loop runs offline
 # --------------------------------------------------------------------------------------------------------
 DEMO_DATA = [
@@ -793,6 +901,8 @@ def parse_args(argv=None):
         fail(f"--score_batch_size must be at least 2 (one pair), got {args.score_batch_size}")
     if args.max_length <= args.max_new_tokens:
         fail(f"--max_length {args.max_length} leaves no room for a prompt with --max_new_tokens {args.max_new_tokens}")
+    if args.method not in ("scir", "srlm", "irm"):
+        fail(f"--method must be scir, srlm or irm, got {args.method!r}")
     if args.no_consistency_loss and args.no_dcpo:
         fail("--no_consistency_loss with --no_dcpo leaves Eq. 7 empty: nothing would be trained")
     if not 0.5 <= args.tau < 1:
@@ -871,15 +981,15 @@ def main(argv=None):
             fail(f"every prompt of iteration {t + 1} is longer than --max_length - --max_new_tokens")
         samples = cached_jsonl(it / "samples.jsonl", lambda: run_sampling(args, tokenizer, pool, t, out))
         if not (out / f"M{t + 1}").exists():
-            run_scir_training(args, tokenizer, samples, t, out, identifier_ids)
+            training = run_scir_training if args.method == "scir" else run_baseline_training
+            training(args, tokenizer, samples, t, out, identifier_ids)
         summary = json.loads((out / f"M{t + 1}" / "training_summary.json").read_text())
-        metrics.append({"iteration": t + 1, "consistency_rate": summary["consistency_rate"],
-                        "dcpo_fraction": summary["dcpo_fraction"], "loss": summary["loss"],
-                        "consistency_loss": summary["consistency_loss"], "dpo_loss": summary["dpo_loss"],
-                        "consistency_new": summary["consistency_new"],
-                        "consistency_trained": summary["consistency_trained"],
-                        "response_length": sum(len(s["token_ids"]) for row in samples for s in row["samples"])
-                        / sum(len(row["samples"]) for row in samples), "pairs": len(samples), "too_long": too_long})
+        metrics.append({"iteration": t + 1} | {key: summary.get(key) for key in (  # baselines: no P/Q analysis
+            "consistency_rate", "dcpo_fraction", "loss", "consistency_loss", "dpo_loss", "consistency_new",
+            "consistency_trained", "unusable_judgements")} | {
+            "pairs": summary.get("pairs", len(samples)), "too_long": too_long,
+            "response_length": sum(len(s["token_ids"]) for row in samples for s in row["samples"])
+            / sum(len(row["samples"]) for row in samples)})
         write_jsonl(out / "metrics.jsonl", metrics)
     print_table(metrics)
     print(f"\nmodels, samples, pairs and metrics.jsonl are in {out}")

@@ -322,3 +322,46 @@ def test_eval_answers_are_checked_before_any_model_runs(tmp_path, data_dir):
         cream.main(["--model", "/no/such/model", "--data_dir", str(local), "--output_dir", str(tmp_path / "run"),
                     "--evaluate"])
     assert "eval.jsonl: row 1: answer 'b'" in str(exit_info.value.code)
+
+
+def test_scir_irm_baseline_pairs_best_and_worst_implicit_reward(tmp_path, tiny_model_dir, data_dir, run_script):
+    out = tmp_path / "run"
+    result = run_script("scir.py", "--model", tiny_model_dir, "--data_dir", data_dir, "--output_dir", out,
+                        *SCIR_SMALL, "--num_samples", 3, "--method", "irm")
+    assert result.returncode == 0, result.stderr[-3000:]
+    local = [row["logp"] for row in read_jsonl(out / "iter1" / "logps_local.jsonl")]
+    global_ = [row["logp"] for row in read_jsonl(out / "iter1" / "logps_global.jsonl")]
+    samples = read_jsonl(out / "iter1" / "samples.jsonl")
+    by_id = {row["id"]: (j, [s["response"] for s in row["samples"]]) for j, row in enumerate(samples)}
+    pairs = read_jsonl(out / "iter1" / "pairs.jsonl")
+    assert pairs
+    for pair in pairs:
+        j, responses = by_id[pair["id"]]
+        reward = [local[3 * j + i] - global_[3 * j + i] for i in range(3)]  # log pi_t - log pi_ref^g
+        assert pair["rewards"] == pytest.approx(reward)
+        assert reward[responses.index(pair["chosen"])] == max(reward)
+        assert reward[responses.index(pair["rejected"])] == min(reward)
+    (metrics,) = read_jsonl(out / "metrics.jsonl")
+    assert metrics["pairs"] == len(pairs) and metrics["consistency_rate"] is None
+    assert metrics["loss"] == pytest.approx(metrics["dpo_loss"])
+
+
+def test_scir_srlm_baseline_follows_the_judge_scores(monkeypatch, tmp_path, tiny_model_dir, data_dir):
+    """A random tiny model writes no 'Score: N', so the scores are patched: the judgement's length mod 5."""
+    monkeypatch.setattr(scir, "parse_score", lambda text: float(len(text) % 5))
+    out = tmp_path / "run"
+    scir.main(["--model", tiny_model_dir, "--data_dir", data_dir, "--output_dir", str(out), "--method", "srlm",
+               *map(str, SCIR_SMALL), "--num_samples", "3"])
+    judged = {row["id"]: [len(text) % 5 for text in row["judgements"]] for row in read_jsonl(out / "iter1" / "judgements.jsonl")}
+    samples = {row["id"]: [s["response"] for s in row["samples"]] for row in read_jsonl(out / "iter1" / "samples.jsonl")}
+    pairs = read_jsonl(out / "iter1" / "pairs.jsonl")
+    assert pairs
+    for pair in pairs:
+        scores, responses = judged[pair["id"]], samples[pair["id"]]
+        assert scores[responses.index(pair["chosen"])] == max(scores)
+        assert scores[responses.index(pair["rejected"])] == min(scores)
+
+
+def test_scir_parse_score_matches_cream():
+    for text in ("Score: 4", "**Score:** 3", "Score: 5/10", "Score: 4 + 1 = 5", "no score"):
+        assert scir.parse_score(text) == cream.parse_score(text)
