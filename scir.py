@@ -785,7 +785,7 @@ def dpo_batch_loss(args, tokenizer):
     return loss_fn
 
 
-def run_baseline_training(args, tokenizer, samples, t, out, identifier_ids=None):
+def run_baseline_training(args, tokenizer, samples, t, out):
     """SRLM (judge scores) or IRM (log pi_t - log pi_ref^g) ranks each prompt's responses; DPO on best vs worst."""
     it = out / f"iter{t + 1}"
     sequences = []
@@ -981,8 +981,10 @@ def main(argv=None):
             fail(f"every prompt of iteration {t + 1} is longer than --max_length - --max_new_tokens")
         samples = cached_jsonl(it / "samples.jsonl", lambda: run_sampling(args, tokenizer, pool, t, out))
         if not (out / f"M{t + 1}").exists():
-            training = run_scir_training if args.method == "scir" else run_baseline_training
-            training(args, tokenizer, samples, t, out, identifier_ids)
+            if args.method == "scir":
+                run_scir_training(args, tokenizer, samples, t, out, identifier_ids)
+            else:
+                run_baseline_training(args, tokenizer, samples, t, out)
         summary = json.loads((out / f"M{t + 1}" / "training_summary.json").read_text())
         metrics.append({"iteration": t + 1} | {key: summary.get(key) for key in (  # baselines: no P/Q analysis
             "consistency_rate", "dcpo_fraction", "loss", "consistency_loss", "dpo_loss", "consistency_new",
