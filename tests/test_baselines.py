@@ -251,8 +251,9 @@ def test_per_prompt_judge_probabilities(monkeypatch, tiny_tokenizer):
     ("", None),
     ("Score:\n", None),
 ])
-def test_parse_score(judgement, expected):
-    assert cream.parse_score(judgement) == expected
+@pytest.mark.parametrize("module", [cream, scir])
+def test_parse_score(module, judgement, expected):
+    assert module.parse_score(judgement) == expected
 
 
 def test_build_pairs_leaves_out_unusable_scores():
@@ -271,14 +272,8 @@ def test_p_srlm_pairs_follow_the_judge_scores(monkeypatch, tmp_path, tiny_model_
     out = tmp_path / "run"
     cream.main(["--model", tiny_model_dir, "--data_dir", data_dir, "--output_dir", str(out), "--method", "p-srlm",
                 *map(str, CREAM_SMALL), "--max_new_tokens", "12"])
-    judged = {row["id"]: [len(text) % 5 for text in row["judgements"]] for row in read_jsonl(out / "iter1" / "judgements.jsonl")}
-    samples = {row["id"]: [s["response"] for s in row["samples"]] for row in read_jsonl(out / "iter1" / "samples.jsonl")}
-    pairs = read_jsonl(out / "iter1" / "pairs.jsonl")
-    assert pairs and all(pair["consistency"] == 1.0 for pair in pairs)
-    for pair in pairs:
-        scores, responses = judged[pair["id"]], samples[pair["id"]]
-        assert scores[responses.index(pair["chosen"])] == max(scores)
-        assert scores[responses.index(pair["rejected"])] == min(scores)
+    pairs = assert_pairs_follow_patched_scores(out)
+    assert all(pair["consistency"] == 1.0 for pair in pairs)
     (metrics,) = read_jsonl(out / "metrics.jsonl")
     assert metrics["unusable_judgements"] == 0 and metrics["pairs"] == len(pairs)
 
@@ -297,8 +292,9 @@ def test_extract_choice_markdown_and_hedges(reply, expected):
     ("Score: 4 + 1 = 5", 5.0), ("Score: 1+1+1", 3.0),     # additive tallies
     ("Score = 4", 4.0), ("Score: [4]", 4.0), ("Score: <4>", 4.0),
 ])
-def test_parse_score_scales_and_tallies(judgement, expected):
-    assert cream.parse_score(judgement) == expected
+@pytest.mark.parametrize("module", [cream, scir])
+def test_parse_score_scales_and_tallies(module, judgement, expected):
+    assert module.parse_score(judgement) == expected
 
 
 def test_agreement_needs_both_to_pick_a_side():
@@ -352,6 +348,11 @@ def test_scir_srlm_baseline_follows_the_judge_scores(monkeypatch, tmp_path, tiny
     out = tmp_path / "run"
     scir.main(["--model", tiny_model_dir, "--data_dir", data_dir, "--output_dir", str(out), "--method", "srlm",
                *map(str, SCIR_SMALL), "--num_samples", "3"])
+    assert_pairs_follow_patched_scores(out)
+
+
+def assert_pairs_follow_patched_scores(out):
+    """Each pair is the best against the worst response by the patched score (judgement length mod 5)."""
     judged = {row["id"]: [len(text) % 5 for text in row["judgements"]] for row in read_jsonl(out / "iter1" / "judgements.jsonl")}
     samples = {row["id"]: [s["response"] for s in row["samples"]] for row in read_jsonl(out / "iter1" / "samples.jsonl")}
     pairs = read_jsonl(out / "iter1" / "pairs.jsonl")
@@ -360,8 +361,4 @@ def test_scir_srlm_baseline_follows_the_judge_scores(monkeypatch, tmp_path, tiny
         scores, responses = judged[pair["id"]], samples[pair["id"]]
         assert scores[responses.index(pair["chosen"])] == max(scores)
         assert scores[responses.index(pair["rejected"])] == min(scores)
-
-
-def test_scir_parse_score_matches_cream():
-    for text in ("Score: 4", "**Score:** 3", "Score: 5/10", "Score: 4 + 1 = 5", "no score"):
-        assert scir.parse_score(text) == cream.parse_score(text)
+    return pairs
