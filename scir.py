@@ -483,7 +483,8 @@ def judge_inputs(tokenizer, instruction, response_1, response_2, max_length):
     room = max(1, (max_length - overhead) // 2)
     response_ids = [tokenizer(r, add_special_tokens=False).input_ids for r in (response_1, response_2)]
     while True:  # re-encoding a cut text can take a few more tokens (a character split at the cut): shrink until it fits
-        cut = [tokenizer.decode(ids[:room]).rstrip("\ufffd") for ids in response_ids]
+        cut = [tokenizer.decode(ids[:room]).rstrip("\ufffd") if len(ids) > room else text  # a cut splits a character
+               for ids, text in zip(response_ids, (response_1, response_2))]
         inputs = [(encode(tokenizer, text, answer_prefix=ANSWER_PREFIX), id_of_response_1 == "m")
                   for text, id_of_response_1 in judge_prompts(instruction, *cut)]
         excess = max(len(ids) for ids, _ in inputs) - max_length

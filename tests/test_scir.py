@@ -537,6 +537,15 @@ def test_judge_inputs_short_responses(tok):
         assert (text.index(y1) < text.index(y2)) == y1_first
 
 
+def test_judge_inputs_keep_a_response_that_fits_as_given(tok):
+    """A sampled response may end in U+FFFD (half a character decoded): only a cut may drop it, so Q judges the
+    text the pair holds."""
+    x, y1, y2 = "Say something.", "honey\ufffd", "\ufffdbees \ufffd"
+    inputs = scir.judge_inputs(tok, x, y1, y2, 700)
+    expected = [tok(text, add_special_tokens=False).input_ids for text, _ in judge_texts(tok, x, y1, y2)]
+    assert [ids for ids, _ in inputs] == expected
+
+
 @pytest.mark.parametrize("max_length", [330, 400, 517])
 def test_judge_inputs_cut_long_responses(tok, max_length):
     x = "Describe the fox."
