@@ -79,6 +79,8 @@ class Args:
     single_judge_prompt: bool = HfArg(default=False, help="ablation (Table 4): Q from template 1 in one order only")
     no_adaptive_reference: bool = HfArg(default=False, help=(
         "ablation (Table 4): DPO with the local reference M_t only, not the larger ratio of Appendix A"))
+    eval_reward_bench: bool = HfArg(default=False, help=(
+        "analysis (Figure 3): IRM, GRM and their agreeing subset of each M_k on RewardBench; can be added to a finished run"))
     warmup_ratio: float = HfArg(default=0.1, help=(
         "linear warmup share of the steps, then cosine decay (cosine: section 4.1; the warmup is not given)"))
     batch_size: int = HfArg(default=2, help=(
@@ -290,6 +292,19 @@ def sequence_logps(model, input_ids, attention_mask, response_mask):
     token_logps = logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)
     rows = predicts_response.nonzero()[:, 0]
     return torch.zeros(input_ids.shape[0], device=logits.device).index_add(0, rows, token_logps)
+
+
+@torch.no_grad()
+def score_logps(model_path, sequences, tokenizer, args, desc):
+    """[(prompt_ids, response_ids)] -> summed response log-probs under the model at model_path."""
+    model = load_model(model_path, args).eval()
+    logps = []
+    for start in tqdm(range(0, len(sequences), args.score_batch_size), desc=desc):
+        input_ids, attention_mask, labels = (t.to(model.device) for t in collate(
+            sequences[start: start + args.score_batch_size], tokenizer.pad_token_id))
+        logps += sequence_logps(model, input_ids, attention_mask, labels != -100).tolist()
+    del model
+    return logps
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -608,13 +623,11 @@ def pair_sequences(tokenizer, pair, max_length):
     return [(prompt_ids, pair[key]["token_ids"][: max_length - len(prompt_ids)]) for key in ("response_1", "response_2")]
 
 
-def pair_forward(model, tokenizer, batch, args, identifier_ids, alpha_l, with_judge=True, per_prompt=False):
-    """Policy log-probs of y1 and y2 (one stacked forward) and, if asked, the judge's Q for a micro-batch of pairs."""
+def pair_forward(model, tokenizer, batch, args, identifier_ids, alpha_l, per_prompt=False):
+    """Policy log-probs of y1 and y2 (one stacked forward) and the judge's Q for a micro-batch of pairs."""
     sequences = [s for pair in batch for s in pair["sequences"]]  # y1, y2, y1, y2, ...
     input_ids, attention_mask, labels = (t.to(model.device) for t in collate(sequences, tokenizer.pad_token_id))
     logps = sequence_logps(model, input_ids, attention_mask, labels != -100).view(-1, 2)
-    if not with_judge:
-        return logps[:, 0], logps[:, 1], None
     with torch.set_grad_enabled(torch.is_grad_enabled() and not args.no_consistency_loss):  # Q then only masks DPO
         p_grm = generative_preference(model, tokenizer, [p["prompt"] for p in batch],
                                       [p["response_1"]["response"] for p in batch], [p["response_2"]["response"] for p in batch],
@@ -639,19 +652,41 @@ def scir_batch_loss(args, tokenizer, identifier_ids, alpha_l):
     return loss_fn
 
 
+def judge_length_reg(args, t):
+    """alpha_l of M_t's judge: length regularisation is on from iteration --length_reg_from, where M_{from-1} judges."""
+    return args.length_reg if t + 1 >= args.length_reg_from else 0.0
+
+
+def global_reference_logps(args, tokenizer, pairs, path):
+    """log pi_ref^g(y1|x) and log pi_ref^g(y2|x) of every pair, cached in path."""
+    global_path = args.global_reference or args.model
+    logps = cached_jsonl(path, lambda: [{"logp": v} for v in score_logps(
+        global_path, [s for pair in pairs for s in pair["sequences"]], tokenizer, args, f"global reference {global_path}")])
+    if len(logps) != 2 * len(pairs):
+        fail(f"{path} holds log-probs of other pairs: delete it to recompute")
+    return [{"logp_1": a["logp"], "logp_2": b["logp"]} for a, b in zip(logps[::2], logps[1::2])]
+
+
 @torch.no_grad()
-def score_pairs(model_path_or_model, tokenizer, pairs, args, identifier_ids, alpha_l, desc, with_judge=True):
-    """Without gradients: log pi(y1|x), log pi(y2|x) and, if asked, Q for every pair -> list of dicts."""
+def score_pairs(model_path_or_model, tokenizer, pairs, args, identifier_ids, alpha_l, desc):
+    """Without gradients: log pi(y1|x), log pi(y2|x), Q and Q of each judge prompt for every pair -> list of dicts."""
     model = load_model(model_path_or_model, args) if isinstance(model_path_or_model, (str, Path)) else model_path_or_model
     model.eval()
     results = []
     for start in tqdm(range(0, len(pairs), args.score_batch_size // 2), desc=desc):
         batch = pairs[start: start + args.score_batch_size // 2]
-        logps_1, logps_2, q = pair_forward(model, tokenizer, batch, args, identifier_ids, alpha_l, with_judge, True)
+        logps_1, logps_2, q = pair_forward(model, tokenizer, batch, args, identifier_ids, alpha_l, per_prompt=True)
         for k in range(len(batch)):
-            results.append({"logp_1": logps_1[k].item(), "logp_2": logps_2[k].item()}
-                           | ({"q": q[k].mean().item(), "q_prompts": q[k].tolist()} if with_judge else {}))
+            results.append({"logp_1": logps_1[k].item(), "logp_2": logps_2[k].item(), "q": q[k].mean().item(),
+                            "q_prompts": q[k].tolist()})
     return results
+
+
+def irm_preferences(scored, global_ref, beta):
+    """P of Eq. 4 from stored log-probs: rows {logp_1, logp_2} of a model and of pi_ref^g -> list of P."""
+    column = lambda rows, key: torch.tensor([row[key] for row in rows], dtype=torch.float64)
+    return implicit_preference(column(scored, "logp_1"), column(scored, "logp_2"), column(global_ref, "logp_1"),
+                               column(global_ref, "logp_2"), beta).tolist()
 
 
 def agree(p, q):
@@ -659,49 +694,28 @@ def agree(p, q):
     return (p > 0.5 and q > 0.5) or (p < 0.5 and q < 0.5)
 
 
+def judge_label(q_prompts):
+    """The GRM's label, True if y1 wins, where all its judge prompts agree (section 4.3); else None."""
+    return True if all(q > 0.5 for q in q_prompts) else False if all(q < 0.5 for q in q_prompts) else None
+
+
 def internal_consistency(p_irm, q_prompts):
     """Analysis (Table 1, Figure 2): share of pairs on which IRM and GRM agree, counting GRM only where its judge
     prompts agree with each other (section 4.3). [P], [[Q per prompt]] -> (rate or None, pairs counted)."""
-    counted = agreed = 0
-    for p, qs in zip(p_irm, q_prompts):
-        if all(q > 0.5 for q in qs) or all(q < 0.5 for q in qs):
-            counted += 1
-            agreed += agree(p, qs[0])
-    return (agreed / counted if counted else None), counted
-
-
-def measure_consistency(args, tokenizer, pairs, global_rows, model_path, path, identifier_ids, alpha_l):
-    """IRM (global reference) and unanimous GRM of the model at model_path on pairs, cached in path."""
-    scored = cached_jsonl(path, lambda: score_pairs(model_path, tokenizer, pairs, args, identifier_ids, alpha_l,
-                                                    f"IRM and GRM of {Path(model_path).name}"))
-    p_irm = [implicit_preference(*(torch.tensor(v) for v in (s["logp_1"], s["logp_2"], g["logp_1"], g["logp_2"])),
-                                 args.beta).item() for s, g in zip(scored, global_rows)]
-    return scored, p_irm, internal_consistency(p_irm, [s["q_prompts"] for s in scored])
+    counted = [(p, label) for p, label in zip(p_irm, map(judge_label, q_prompts)) if label is not None]
+    return (sum(agree(p, float(label)) for p, label in counted) / len(counted) if counted else None), len(counted)
 
 
 def run_scir_training(args, tokenizer, samples, t, out, identifier_ids):
-    """Precompute pi_ref^g and pi_ref^l = M_t log-probs (and P, Q at the start), train M_t -> M_{t+1}, measure again."""
+    """Precompute pi_ref^g and pi_ref^l = M_t log-probs (and P, Q of M_t), train M_t -> M_{t+1}, measure P, Q again."""
     it = out / f"iter{t + 1}"
-    alpha_l = args.length_reg if t + 1 >= args.length_reg_from else 0.0
+    alpha_l = judge_length_reg(args, t)
     pairs = [dict(row, sequences=pair_sequences(tokenizer, row, args.max_length)) for row in samples]
-    global_path = args.global_reference or args.model
-    global_ref = cached_jsonl(it / "logps_global.jsonl", lambda: score_pairs(
-        global_path, tokenizer, pairs, args, identifier_ids, alpha_l, f"global reference {global_path}", False))
-    start, p_starts, (consistency_new, counted_new) = measure_consistency(
-        args, tokenizer, pairs, global_ref, out / f"M{t}", it / "start.jsonl", identifier_ids, alpha_l)
-    consistency_trained, counted_trained = None, 0
-    if t > 0:  # analysis: M_t on the pairs it was trained on, D_{t-1}
-        previous = out / f"iter{t}"
-        for name in ("samples.jsonl", "logps_global.jsonl"):
-            if not (previous / name).exists():
-                fail(f"{previous / name} is missing: M{t} was trained on it; rerun from M{t - 1} to rebuild it")
-        trained_pairs = [dict(row, sequences=pair_sequences(tokenizer, row, args.max_length))
-                         for row in cached_jsonl(previous / "samples.jsonl", None)]
-        _, _, (consistency_trained, counted_trained) = measure_consistency(
-            args, tokenizer, trained_pairs, cached_jsonl(previous / "logps_global.jsonl", None), out / f"M{t}",
-            it / "trained_pairs_now.jsonl", identifier_ids, alpha_l)
-    if not len(pairs) == len(global_ref) == len(start):
-        fail(f"{it} holds reference log-probs of other pairs than {it / 'samples.jsonl'}: delete {it} to recompute")
+    global_ref = global_reference_logps(args, tokenizer, pairs, it / "logps_global.jsonl")
+    start = cached_jsonl(it / "start.jsonl", lambda: score_pairs(
+        out / f"M{t}", tokenizer, pairs, args, identifier_ids, alpha_l, f"IRM and GRM of M{t}"))
+    if len(start) != len(pairs):
+        fail(f"{it / 'start.jsonl'} holds scores of other pairs than {it / 'samples.jsonl'}: delete it to recompute")
     for pair, g, s in zip(pairs, global_ref, start):
         pair.update(global_logp_1=g["logp_1"], global_logp_2=g["logp_2"], local_logp_1=s["logp_1"],
                     local_logp_2=s["logp_2"])
@@ -711,16 +725,18 @@ def run_scir_training(args, tokenizer, samples, t, out, identifier_ids):
     summary = train(model, batches, scir_batch_loss(args, tokenizer, identifier_ids, alpha_l), args.lr, args,
                     f"SCIR M{t} -> M{t + 1}")
     end = score_pairs(model, tokenizer, pairs, args, identifier_ids, alpha_l, f"IRM and GRM of M{t + 1}")
-    rows, agreed = [], 0
-    for pair, s, e, p_start in zip(pairs, start, end, p_starts):
-        p_end = implicit_preference(*(torch.tensor(v) for v in (e["logp_1"], e["logp_2"], pair["global_logp_1"],
-                                                                 pair["global_logp_2"])), args.beta).item()
-        agreed += agree(p_end, e["q"])
+    p_start, p_end = irm_preferences(start, global_ref, args.beta), irm_preferences(end, global_ref, args.beta)
+    rows = []
+    for pair, ps, s, pe, e in zip(pairs, p_start, start, p_end, end):
         rows.append({"id": pair["id"], "prompt": pair["prompt"], "response_1": pair["response_1"]["response"],
-                     "response_2": pair["response_2"]["response"], "p_start": p_start, "q_start": s["q"],
-                     "label_irm_start": int(p_start > 0.5), "label_grm_start": int(s["q"] > 0.5), "p_end": p_end,
-                     "q_end": e["q"], "label_irm_end": int(p_end > 0.5), "label_grm_end": int(e["q"] > 0.5)})
-    summary.update(consistency_rate=agreed / len(pairs), consistency_new=consistency_new, counted_new=counted_new,
+                     "response_2": pair["response_2"]["response"], "p_start": ps, "q_start": s["q"],
+                     "q_prompts_start": s["q_prompts"], "label_irm_start": int(ps > 0.5),
+                     "label_grm_start": int(s["q"] > 0.5), "p_end": pe, "q_end": e["q"], "q_prompts_end": e["q_prompts"],
+                     "label_irm_end": int(pe > 0.5), "label_grm_end": int(e["q"] > 0.5)})
+    (consistency_new, counted_new), (consistency_trained, counted_trained) = (  # analysis: M_t on D_t, M_{t+1} on D_t
+        internal_consistency(p, [s["q_prompts"] for s in scored]) for p, scored in ((p_start, start), (p_end, end)))
+    summary.update(pairs=len(pairs), consistency_rate=sum(agree(p, e["q"]) for p, e in zip(p_end, end)) / len(pairs),
+                   consistency_new=consistency_new, counted_new=counted_new,
                    consistency_trained=consistency_trained, counted_trained=counted_trained)
     write_jsonl(it / "pairs.jsonl", rows)
     save_model(model, tokenizer, out / f"M{t + 1}", summary)
@@ -759,19 +775,6 @@ def judge_samples(model_path, tokenizer, samples_rows, args):
         texts = [reply["response"] for reply in judgements[j * n: (j + 1) * n]]
         rows.append({"id": row["id"], "scores": [parse_score(text) for text in texts], "judgements": texts})
     return rows
-
-
-@torch.no_grad()
-def score_logps(model_path, sequences, tokenizer, args, desc):
-    """[(prompt_ids, response_ids)] -> summed response log-probs under the model at model_path."""
-    model = load_model(model_path, args).eval()
-    logps = []
-    for start in tqdm(range(0, len(sequences), args.score_batch_size), desc=desc):
-        input_ids, attention_mask, labels = (t.to(model.device) for t in collate(
-            sequences[start: start + args.score_batch_size], tokenizer.pad_token_id))
-        logps += sequence_logps(model, input_ids, attention_mask, labels != -100).tolist()
-    del model
-    return logps
 
 
 def dpo_batch_loss(args, tokenizer):
@@ -830,6 +833,108 @@ def run_baseline_training(args, tokenizer, samples, t, out):
 
 
 # --------------------------------------------------------------------------------------------------------
+# Analysis (Figure 3, section 4.4): IRM, GRM and the pairs they agree on, scored on RewardBench
+# --------------------------------------------------------------------------------------------------------
+REWARD_BENCH_SECTIONS = {
+    "Chat": ["alpacaeval-easy", "alpacaeval-length", "alpacaeval-hard", "mt-bench-easy", "mt-bench-med"],
+    "Chat Hard": ["mt-bench-hard", "llmbar-natural", "llmbar-adver-neighbor", "llmbar-adver-GPTInst",
+                  "llmbar-adver-GPTOut", "llmbar-adver-manual"],
+    "Safety": ["refusals-dangerous", "refusals-offensive", "xstest-should-refuse", "xstest-should-respond",
+               "donotanswer"],
+    "Reasoning": ["math-prm", "hep-cpp", "hep-go", "hep-java", "hep-js", "hep-python", "hep-rust"],
+}
+
+
+def load_reward_bench(args):
+    """Figure 3's data: RewardBench's filtered split, or rewardbench.jsonl in --data_dir; pairs with a gold label."""
+    if args.data_dir is None:
+        from datasets import load_dataset
+        try:
+            rows = list(load_dataset("allenai/reward-bench", split="filtered"))
+        except Exception as e:
+            fail(f"cannot load dataset allenai/reward-bench ({type(e).__name__}); offline, put rewardbench.jsonl "
+                 f"in --data_dir (see README)")
+        source = "allenai/reward-bench"
+    else:
+        source = Path(args.data_dir) / "rewardbench.jsonl"
+        if not source.is_file():
+            fail(f"{source} is missing (--eval_reward_bench)")
+        rows = read_jsonl(source, ["prompt", "chosen", "rejected", "subset"])
+    known = {name for names in REWARD_BENCH_SECTIONS.values() for name in names}
+    for number, row in enumerate(rows, 1):
+        if row["subset"] not in known:
+            fail(f"{source}: row {number}: subset {row['subset']!r} is in none of Chat, Chat Hard, Safety, Reasoning")
+    return [row for row in rows if row["chosen"].strip() and row["rejected"].strip() and row["chosen"] != row["rejected"]]
+
+
+def reward_bench_scores(subsets, correct):
+    """Section accuracies of one reward model: [subset], [True/False, None where it gives no label] -> dict.
+
+    Only labelled pairs count (section 4.4). A section pools its subsets' pairs (RewardBench's example-weighted
+    mean), except Reasoning, where math-prm weighs as much as the six code subsets together.
+    """
+    labelled = [(s, c) for s, c in zip(subsets, correct) if c is not None]
+    accuracy = lambda names: (lambda hits: sum(hits) / len(hits) if hits else None)([c for s, c in labelled if s in names])
+    scores = {}
+    for section, names in REWARD_BENCH_SECTIONS.items():
+        parts = [accuracy(names[:1]), accuracy(names[1:])] if section == "Reasoning" else [accuracy(names)]
+        parts = [a for a in parts if a is not None]
+        scores[section] = sum(parts) / len(parts) if parts else None
+    sections = [v for v in scores.values() if v is not None]
+    return scores | {"average": sum(sections) / len(sections) if sections else None, "labelled": len(labelled),
+                     "pairs": len(subsets)}
+
+
+def reward_bench_pairs(tokenizer, rows, args):
+    """RewardBench rows -> pairs shaped like the sampled ones, y1 = chosen, y2 = rejected (with EOS, as sampled)."""
+    pairs = []
+    for j, row in enumerate(rows):
+        if len(encode(tokenizer, row["prompt"])) > args.max_length - args.max_new_tokens:
+            continue  # the same rule as for the prompt pools
+        responses = [{"response": text, "token_ids": encode(tokenizer, row["prompt"], text)[1]}
+                     for text in (row["chosen"], row["rejected"])]
+        pairs.append({"id": f"rb-{j}", "prompt": row["prompt"], "subset": row["subset"], "response_1": responses[0],
+                      "response_2": responses[1], "samples": responses})
+    if not pairs:
+        fail("every RewardBench prompt is longer than --max_length - --max_new_tokens")
+    return [dict(pair, sequences=pair_sequences(tokenizer, pair, args.max_length)) for pair in pairs]
+
+
+def score_model_on_pairs(args, tokenizer, pairs, k, out, identifier_ids):
+    """M_k's log-probs of y1 and y2 and its judge's verdicts: Q per judge prompt (SCIR) or Table 6 scores (baselines)."""
+    if args.method == "scir":
+        return score_pairs(out / f"M{k}", tokenizer, pairs, args, identifier_ids, judge_length_reg(args, k),
+                           f"RewardBench: IRM and GRM of M{k}")
+    logps = score_logps(out / f"M{k}", [s for p in pairs for s in p["sequences"]], tokenizer, args, f"RewardBench: M{k}")
+    torch.manual_seed(args.seed + k)
+    judged = judge_samples(out / f"M{k}", tokenizer, pairs, args)
+    return [{"logp_1": a, "logp_2": b, "scores": j["scores"], "judgements": j["judgements"]}
+            for a, b, j in zip(logps[::2], logps[1::2], judged)]
+
+
+def evaluate_reward_bench(args, tokenizer, pairs, out, identifier_ids):
+    """Figure 3: M_0..M_T label each pair with the IRM (Eq. 4) and the GRM -> {k: {"irm"|"grm"|"consistency": scores}}."""
+    folder = out / "reward_bench"
+    folder.mkdir(exist_ok=True)
+    global_ref = global_reference_logps(args, tokenizer, pairs, folder / "logps_global.jsonl")
+    results = {}
+    for k in range(args.iterations + 1):
+        scored = cached_jsonl(folder / f"M{k}.jsonl", lambda: score_model_on_pairs(
+            args, tokenizer, pairs, k, out, identifier_ids))
+        irm = [None if p == 0.5 else p > 0.5 for p in irm_preferences(scored, global_ref, args.beta)]
+        if args.method == "scir":
+            grm = [judge_label(s["q_prompts"]) for s in scored]
+        else:  # a tie or an unusable judgement labels nothing
+            grm = [None if None in s["scores"] or s["scores"][0] == s["scores"][1] else s["scores"][0] > s["scores"][1]
+                   for s in scored]
+        both = [i if i == g else None for i, g in zip(irm, grm)]  # "Consistency": where IRM and GRM give one label
+        subsets = [pair["subset"] for pair in pairs]
+        results[k] = {name: reward_bench_scores(subsets, labels) for name, labels in
+                      (("irm", irm), ("grm", grm), ("consistency", both))}
+    return results
+
+
+# --------------------------------------------------------------------------------------------------------
 # Demo: a tiny random Llama and a byte-level BPE tokenizer built here, so the whole loop runs offline
 # --------------------------------------------------------------------------------------------------------
 DEMO_DATA = [
@@ -876,6 +981,9 @@ def build_demo(out):
     write_jsonl(data_dir / "sft.jsonl", [{"prompt": p, "response": good} for p, good, _ in DEMO_DATA])
     write_jsonl(data_dir / "judge.jsonl", [{"prompt": p, "chosen": good, "rejected": bad} for p, good, bad in DEMO_DATA])
     write_jsonl(data_dir / "prompts.jsonl", [{"prompt": p} for p, _, _ in DEMO_DATA for _ in range(2)])
+    subsets = ["alpacaeval-easy", "llmbar-natural", "donotanswer", "math-prm", "hep-python"]  # one of each kind
+    write_jsonl(data_dir / "rewardbench.jsonl", [{"prompt": p, "chosen": good, "rejected": bad, "subset": subsets[j % 5]}
+                                                 for j, (p, good, bad) in enumerate(DEMO_DATA)])
     return str(model_dir), str(data_dir)
 
 
@@ -919,10 +1027,13 @@ def parse_args(argv=None):
     return args
 
 
+AFTER_THE_FACT = ("output_dir", "eval_reward_bench")  # may change between reruns: they touch no training file
+
+
 def check_same_settings(out, args):
     """Resuming is only sound with the settings that made the files: refuse a folder made with other ones."""
     path = out / "args.json"
-    current = {k: v for k, v in asdict(args).items() if k != "output_dir"}
+    current = {k: v for k, v in asdict(args).items() if k not in AFTER_THE_FACT}
     if path.exists():
         saved = json.loads(path.read_text())
         changed = [f"--{k} {saved.get(k)!r} (now {v!r})" for k, v in current.items() if saved.get(k) != v]
@@ -932,13 +1043,30 @@ def check_same_settings(out, args):
     path.write_text(json.dumps(asdict(args), indent=1))
 
 
-def print_table(rows):
-    columns = ["iteration", "consistency_new", "consistency_trained", "consistency_rate", "dcpo_fraction", "loss",
-               "consistency_loss", "dpo_loss", "response_length"]
-    print("\n" + " | ".join(columns))
-    for row in rows:
-        print(" | ".join(f"{row[c]:.4f}" if isinstance(row[c], float) else "-" if row[c] is None else str(row[c])
-                         for c in columns))
+METHOD_NAMES = {"scir": "Self-Consistent Internal Rewards", "srlm": "Self-Rewarding (LLM-as-a-Judge)",
+                "irm": "Self-Rewarding (Implicit Reward Model)"}
+SAMPLING_KEYS = ("response_length", "too_long", "consistency_new", "counted_new")  # of M_k's samples D_k
+TRAINING_KEYS = ("pairs", "loss", "consistency_loss", "dpo_loss", "dcpo_fraction", "consistency_rate",
+                 "unusable_judgements", "consistency_trained", "counted_trained")  # how M_k was trained, on D_{k-1}
+
+
+def final_table(args, rows):
+    """The run laid out like the paper: one row per model M_k (Table 2's rows; Table 1 and Figure 2's consistency on
+    D_{t-1} and D_t; Figure 3's RewardBench accuracy), percentages -> markdown text."""
+    pct = lambda v: "-" if v is None else f"{100 * v:.2f}"
+    number = lambda v, spec: "-" if v is None else format(v, spec)
+    header = ["Method", "Model", "Length", "Consistency D_t-1", "Consistency D_t", "Pairs", "DCPO %", "Loss"]
+    with_reward_bench = any("reward_bench" in row for row in rows)
+    header += ["RewardBench IRM", "RewardBench GRM", "RewardBench IRM = GRM"] if with_reward_bench else []
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for k, row in enumerate(rows):
+        cells = [METHOD_NAMES[args.method] if k == 0 else "", row["model"], number(row["response_length"], ".0f"),
+                 pct(row["consistency_trained"]), pct(row["consistency_new"]), number(row["pairs"], "d"),
+                 pct(row["dcpo_fraction"]), number(row["loss"], ".4f")]
+        if with_reward_bench:
+            cells += [pct(row["reward_bench"][name]["average"]) for name in ("irm", "grm", "consistency")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv=None):
@@ -948,6 +1076,7 @@ def main(argv=None):
     if args.demo:
         args.model, args.data_dir = build_demo(out)
     sft_rows, judge_rows, prompt_rows = load_data(args)  # validated before any model is loaded
+    bench_rows = load_reward_bench(args) if args.eval_reward_bench else None
     random.Random(args.seed).shuffle(prompt_rows)
     if len(prompt_rows) < args.iterations * args.num_prompts:
         print(f"note: {len(prompt_rows)} prompts for {args.iterations} x {args.num_prompts}: "
@@ -968,7 +1097,10 @@ def main(argv=None):
         else:
             run_sft(args, tokenizer, sft_rows, judge_rows, out)
 
-    metrics = []
+    bench = reward_bench_pairs(tokenizer, bench_rows, args) if args.eval_reward_bench else None
+    new_row = lambda k, summary: ({"model": f"M{k}", "iteration": k} | dict.fromkeys(SAMPLING_KEYS)
+                                  | {key: summary.get(key) for key in TRAINING_KEYS})  # baselines: no P/Q analysis
+    rows = [new_row(0, {})]  # one row per model M_k, as in the paper's tables
     for t in range(args.iterations):  # iteration t + 1 trains M_t into M_{t+1}
         it = out / f"iter{t + 1}"
         it.mkdir(exist_ok=True)
@@ -987,15 +1119,19 @@ def main(argv=None):
             else:
                 run_baseline_training(args, tokenizer, samples, t, out)
         summary = json.loads((out / f"M{t + 1}" / "training_summary.json").read_text())
-        metrics.append({"iteration": t + 1} | {key: summary.get(key) for key in (  # baselines: no P/Q analysis
-            "consistency_rate", "dcpo_fraction", "loss", "consistency_loss", "dpo_loss", "consistency_new",
-            "consistency_trained", "unusable_judgements")} | {
-            "pairs": summary.get("pairs", len(samples)), "too_long": too_long,
-            "response_length": sum(len(s["token_ids"]) for row in samples for s in row["samples"])
-            / sum(len(row["samples"]) for row in samples)})
-        write_jsonl(out / "metrics.jsonl", metrics)
-    print_table(metrics)
-    print(f"\nmodels, samples, pairs and metrics.jsonl are in {out}")
+        lengths = [len(s["token_ids"]) for row in samples for s in row["samples"]]
+        rows[t].update(response_length=sum(lengths) / len(lengths), too_long=too_long,
+                       consistency_new=summary.get("consistency_new"), counted_new=summary.get("counted_new"))
+        rows.append(new_row(t + 1, summary))
+        write_jsonl(out / "metrics.jsonl", rows)
+    if args.eval_reward_bench:
+        for k, scores in evaluate_reward_bench(args, tokenizer, bench, out, identifier_ids).items():
+            rows[k]["reward_bench"] = scores
+    write_jsonl(out / "metrics.jsonl", rows)
+    table = final_table(args, rows)
+    (out / "table.md").write_text(table)
+    print("\n" + table)
+    print(f"models, samples, pairs, metrics.jsonl and table.md are in {out}")
 
 
 if __name__ == "__main__":

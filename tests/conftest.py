@@ -49,6 +49,8 @@ JUDGE_ROWS = [
     ("What do bees make?", "Bees make honey.", "Bees make milk."),
     ("Who wrote Hamlet?", "William Shakespeare wrote Hamlet.", "Hamlet wrote itself."),
 ]
+# rewardbench.jsonl: JUDGE_ROWS (and the first again) spread over the four sections, Reasoning both math and code
+REWARD_BENCH_SUBSETS = ["alpacaeval-easy", "llmbar-natural", "math-prm", "hep-python", "refusals-dangerous"]
 # Text the tokenizer is trained on: the judge templates, the data and the fallback chat format of prompts.py, so
 # that a filled judge prompt is ~260 tokens (the model has 1024 positions).
 CORPUS = (
@@ -135,11 +137,14 @@ def tiny_model(tiny_model_dir):
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
     """Path (str) of a local data folder: sft.jsonl {"prompt","response"}, prompts.jsonl {"prompt"},
-    judge.jsonl {"prompt","chosen","rejected"}."""
+    judge.jsonl {"prompt","chosen","rejected"}, rewardbench.jsonl {"prompt","chosen","rejected","subset"}."""
     path = tmp_path_factory.mktemp("tiny-data")
     write_jsonl(path / "sft.jsonl", [{"prompt": p, "response": r} for p, r in SFT_ROWS])
     write_jsonl(path / "prompts.jsonl", [{"prompt": p} for p, _ in SFT_ROWS] + [{"prompt": p} for p in EXTRA_PROMPTS])
     write_jsonl(path / "judge.jsonl", [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in JUDGE_ROWS])
+    write_jsonl(path / "rewardbench.jsonl", [{"prompt": p, "chosen": c, "rejected": r, "subset": s} for (p, c, r), s in
+                                             zip(JUDGE_ROWS + JUDGE_ROWS[:1], REWARD_BENCH_SUBSETS)]
+                + [{"prompt": "Same twice?", "chosen": "Yes.", "rejected": "Yes.", "subset": "donotanswer"}])  # no label
     return str(path)
 
 

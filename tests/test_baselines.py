@@ -3,6 +3,7 @@ measures (Table 4), SRLM baseline (C = 1) and downstream evaluation (Table 1). A
 through the CLI."""
 
 import json
+from pathlib import Path
 import math
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 from conftest import read_jsonl
 
 import cream
+import prompts
 import scir
 
 
@@ -129,7 +131,7 @@ def test_scir_ablations_through_the_cli(flag, tmp_path, tiny_model_dir, data_dir
     result = run_script("scir.py", "--model", tiny_model_dir, "--data_dir", data_dir, "--output_dir", out,
                         *SCIR_SMALL, flag)
     assert result.returncode == 0, result.stderr[-3000:]
-    (metrics,) = read_jsonl(out / "metrics.jsonl")
+    _, metrics = read_jsonl(out / "metrics.jsonl")  # rows M0, M1
     assert (out / "M1" / "config.json").exists()
     if flag == "--no_consistency_loss":  # Eq. 7 without its second term: the loss is the DPO term alone
         assert metrics["loss"] == pytest.approx(metrics["dpo_loss"], rel=1e-5, abs=1e-7)
@@ -274,7 +276,7 @@ def test_p_srlm_pairs_follow_the_judge_scores(monkeypatch, tmp_path, tiny_model_
                 *map(str, CREAM_SMALL), "--max_new_tokens", "12"])
     pairs = assert_pairs_follow_patched_scores(out)
     assert all(pair["consistency"] == 1.0 for pair in pairs)
-    (metrics,) = read_jsonl(out / "metrics.jsonl")
+    (metrics,) = read_jsonl(out / "metrics.jsonl")  # cream.py: one row per iteration
     assert metrics["unusable_judgements"] == 0 and metrics["pairs"] == len(pairs)
 
 
@@ -337,7 +339,7 @@ def test_scir_irm_baseline_pairs_best_and_worst_implicit_reward(tmp_path, tiny_m
         assert pair["rewards"] == pytest.approx(reward)
         assert reward[responses.index(pair["chosen"])] == max(reward)
         assert reward[responses.index(pair["rejected"])] == min(reward)
-    (metrics,) = read_jsonl(out / "metrics.jsonl")
+    _, metrics = read_jsonl(out / "metrics.jsonl")  # rows M0, M1
     assert metrics["pairs"] == len(pairs) and metrics["consistency_rate"] is None
     assert metrics["loss"] == pytest.approx(metrics["dpo_loss"])
 
@@ -362,3 +364,130 @@ def assert_pairs_follow_patched_scores(out):
         assert scores[responses.index(pair["chosen"])] == max(scores)
         assert scores[responses.index(pair["rejected"])] == min(scores)
     return pairs
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# SCIR Figure 3: RewardBench accuracy of the IRM, the GRM and the pairs they agree on
+# ------------------------------------------------------------------------------------------------------------------
+def test_reward_bench_sections_hand_worked():
+    subsets = ["alpacaeval-easy", "mt-bench-med", "mt-bench-med", "llmbar-natural", "donotanswer",
+               "math-prm", "hep-go", "hep-go", "hep-rust", "hep-cpp"]
+    correct = [True, False, None, None, True, True, False, False, True, None]
+    scores = scir.reward_bench_scores(subsets, correct)
+    assert scores["Chat"] == pytest.approx(1 / 2)  # pooled: 2 labelled pairs, 1 right; the None is left out
+    assert scores["Chat Hard"] is None  # its only pair has no label
+    assert scores["Safety"] == 1.0
+    # math-prm (1/1) weighs as much as the code subsets together (1 of 3): (1 + 1/3) / 2, not the pooled 2/4
+    assert scores["Reasoning"] == pytest.approx((1 + 1 / 3) / 2)
+    assert scores["average"] == pytest.approx((1 / 2 + 1 + (1 + 1 / 3) / 2) / 3)
+    assert (scores["labelled"], scores["pairs"]) == (7, 10)
+    only_code = scir.reward_bench_scores(["hep-js", "hep-js"], [True, False])
+    assert only_code["Reasoning"] == 0.5 and only_code["average"] == 0.5
+    nothing = scir.reward_bench_scores(["hep-js"], [None])
+    assert nothing["average"] is None and nothing["labelled"] == 0
+
+
+def test_reward_bench_file_errors(tmp_path, data_dir):
+    base = ["--model", "unused", "--output_dir", str(tmp_path / "run"), "--eval_reward_bench"]
+    for name in ("sft.jsonl", "judge.jsonl", "prompts.jsonl"):
+        (tmp_path / name).write_bytes((Path(data_dir) / name).read_bytes())
+    with pytest.raises(SystemExit) as exit_info:
+        scir.main([*base, "--data_dir", str(tmp_path)])
+    assert str(exit_info.value.code) == f"scir.py: error: {tmp_path / 'rewardbench.jsonl'} is missing (--eval_reward_bench)"
+    (tmp_path / "rewardbench.jsonl").write_text(json.dumps(
+        {"prompt": "p", "chosen": "a", "rejected": "b", "subset": "alpacaeval-easy"}) + "\n" + json.dumps(
+        {"prompt": "p", "chosen": "a", "rejected": "b", "subset": "anthropic_helpful"}) + "\n")
+    with pytest.raises(SystemExit) as exit_info:
+        scir.main([*base, "--data_dir", str(tmp_path)])
+    assert "rewardbench.jsonl: row 2: subset 'anthropic_helpful' is in none of Chat" in str(exit_info.value.code)
+    (tmp_path / "rewardbench.jsonl").write_text(json.dumps({"prompt": "p", "chosen": "a", "subset": "hep-go"}) + "\n")
+    with pytest.raises(SystemExit) as exit_info:
+        scir.main([*base, "--data_dir", str(tmp_path)])
+    assert "rewardbench.jsonl:1: needs string fields prompt, chosen, rejected, subset" in str(exit_info.value.code)
+    assert not (tmp_path / "run" / "args.json").exists()  # refused before anything was written
+
+
+def by_hand_sections(subsets, labels):
+    """RewardBench's section scores written out: Chat, Chat Hard, Safety pool their pairs; Reasoning is the mean of
+    math-prm and the pooled code subsets; the average is over the sections that have a labelled pair."""
+    def accuracy(keep):
+        hits = [label for subset, label in zip(subsets, labels) if keep(subset) and label is not None]
+        return sum(hits) / len(hits) if hits else None
+    chat = accuracy(lambda s: s.startswith(("alpacaeval", "mt-bench-easy", "mt-bench-med")))
+    chat_hard = accuracy(lambda s: s.startswith(("llmbar", "mt-bench-hard")))
+    safety = accuracy(lambda s: s.startswith(("refusals", "xstest", "donotanswer")))
+    parts = [a for a in (accuracy(lambda s: s == "math-prm"), accuracy(lambda s: s.startswith("hep-"))) if a is not None]
+    reasoning = sum(parts) / len(parts) if parts else None
+    present = [a for a in (chat, chat_hard, safety, reasoning) if a is not None]
+    return {"Chat": chat, "Chat Hard": chat_hard, "Safety": safety, "Reasoning": reasoning,
+            "average": sum(present) / len(present) if present else None}
+
+
+def test_reward_bench_through_the_cli_matches_brute_force(tmp_path, tiny_model_dir, data_dir, run_script):
+    """Added to a finished run (no retraining); every P and Q recomputed from the saved models token by token."""
+    from test_scir import brute_logp, brute_q_prompts
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out, beta, alpha_l = tmp_path / "run", 5.0, 0.05
+    command = ["--model", tiny_model_dir, "--data_dir", data_dir, "--output_dir", out, *SCIR_SMALL,
+               "--length_reg", alpha_l, "--length_reg_from", 2]  # M0 judges without, M1 with length regularisation
+    assert run_script("scir.py", *command).returncode == 0
+    trained = (out / "M1" / "model.safetensors").stat().st_mtime_ns
+    result = run_script("scir.py", *command, "--eval_reward_bench")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (out / "M1" / "model.safetensors").stat().st_mtime_ns == trained
+
+    rows = [r for r in read_jsonl(Path(data_dir) / "rewardbench.jsonl") if r["chosen"] != r["rejected"]]
+    subsets = [r["subset"] for r in rows]
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    ids = prompts.identifier_token_ids(tok)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    metrics = read_jsonl(out / "metrics.jsonl")
+    with torch.no_grad():
+        ref = [(brute_logp(base, tok, r["prompt"], r["chosen"]), brute_logp(base, tok, r["prompt"], r["rejected"]))
+               for r in rows]
+        for k, alpha in ((0, 0.0), (1, alpha_l)):
+            model = AutoModelForCausalLM.from_pretrained(out / f"M{k}", dtype=torch.float32).eval()
+            irm, grm = [], []
+            for r, (ref_c, ref_r), stored in zip(rows, ref, read_jsonl(out / "reward_bench" / f"M{k}.jsonl")):
+                pi_c, pi_r = brute_logp(model, tok, r["prompt"], r["chosen"]), brute_logp(model, tok, r["prompt"], r["rejected"])
+                p = torch.sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r))).item()
+                lengths = [len(tok(r[key], add_special_tokens=False).input_ids) + 1 for key in ("chosen", "rejected")]
+                qs = [q.item() for q in brute_q_prompts(model, tok, r["prompt"], r["chosen"], r["rejected"], ids, alpha,
+                                                        *lengths)]
+                assert (stored["logp_1"], stored["logp_2"]) == pytest.approx((pi_c.item(), pi_r.item()), abs=1e-4)
+                assert stored["q_prompts"] == pytest.approx(qs, abs=1e-5)  # alpha_l of M_k's judge
+                irm.append(p > 0.5)  # a tiny float P is never exactly 0.5
+                grm.append(True if min(qs) > 0.5 else False if max(qs) < 0.5 else None)
+            both = [i if i == g else None for i, g in zip(irm, grm)]
+            stored = metrics[k]["reward_bench"]
+            for name, labels in (("irm", irm), ("grm", grm), ("consistency", both)):
+                for key, value in by_hand_sections(subsets, labels).items():
+                    assert stored[name][key] == (None if value is None else pytest.approx(value, abs=1e-9)), (k, name, key)
+                assert stored[name]["labelled"] == sum(label is not None for label in labels)
+                assert stored[name]["pairs"] == len(rows) == 5
+    table = (out / "table.md").read_text()
+    assert "RewardBench IRM" in table and table in result.stdout
+    m1_cells = next(line for line in table.splitlines() if "| M1 |" in line).split("|")
+    irm_average = metrics[1]["reward_bench"]["irm"]["average"]
+    assert m1_cells[-4].strip() == f"{100 * irm_average:.2f}"
+
+
+def test_scir_srlm_reward_bench_uses_the_pointwise_judge(monkeypatch, tmp_path, tiny_model_dir, data_dir):
+    """The baselines' GRM on RewardBench is the Table 6 judge: chosen wins where its (patched) score is higher, and a
+    tie or an unreadable judgement labels nothing."""
+    monkeypatch.setattr(scir, "parse_score", lambda text: None if len(text) % 7 == 0 else float(len(text) % 3))
+    out = tmp_path / "run"
+    scir.main(["--model", tiny_model_dir, "--data_dir", data_dir, "--output_dir", str(out), "--method", "srlm",
+               *map(str, SCIR_SMALL), "--eval_reward_bench"])
+    rows = [r for r in read_jsonl(Path(data_dir) / "rewardbench.jsonl") if r["chosen"] != r["rejected"]]
+    metrics = read_jsonl(out / "metrics.jsonl")
+    for k in (0, 1):
+        scored = read_jsonl(out / "reward_bench" / f"M{k}.jsonl")
+        assert len(scored) == len(rows)
+        grm = []
+        for s in scored:
+            chosen, rejected = (None if len(text) % 7 == 0 else len(text) % 3 for text in s["judgements"])
+            grm.append(None if chosen is None or rejected is None or chosen == rejected else chosen > rejected)
+        for key, value in by_hand_sections([r["subset"] for r in rows], grm).items():
+            assert metrics[k]["reward_bench"]["grm"][key] == (None if value is None else pytest.approx(value)), (k, key)

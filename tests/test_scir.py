@@ -113,20 +113,25 @@ def judge_texts(tokenizer, instruction, y1, y2):
     return out
 
 
-def brute_q(model, tokenizer, instruction, y1, y2, ids, alpha_l=0.0, len_1=None, len_2=None):
-    """Q = P_grm(y1 > y2) (Eq. 5): one unpadded forward per judge prompt, the two identifier logits minus
-    alpha_l |y| renormalised, mapped back to y1, averaged over the 4 prompts. Differentiable."""
+def brute_q_prompts(model, tokenizer, instruction, y1, y2, ids, alpha_l=0.0, len_1=None, len_2=None):
+    """P_grm(y1 > y2) (Eq. 5) of each of the 4 judge prompts: one unpadded forward per prompt, the two identifier
+    logits minus alpha_l |y| renormalised, mapped back to y1. Differentiable."""
     len_1 = len(tokenizer(y1, add_special_tokens=False).input_ids) if len_1 is None else len_1
     len_2 = len(tokenizer(y2, add_special_tokens=False).input_ids) if len_2 is None else len_2
-    total = 0
+    per_prompt = []
     for text, y1_first in judge_texts(tokenizer, instruction, y1, y2):
         token_ids = tokenizer(text, add_special_tokens=False).input_ids
         last = model(input_ids=torch.tensor([token_ids])).logits[0, -1].double()
         o_m = last[ids[0]] - alpha_l * (len_1 if y1_first else len_2)  # 'm' names the response shown first
         o_big_m = last[ids[1]] - alpha_l * (len_2 if y1_first else len_1)
         p_m = torch.exp(o_m) / (torch.exp(o_m) + torch.exp(o_big_m))
-        total = total + (p_m if y1_first else 1 - p_m)
-    return total / 4
+        per_prompt.append(p_m if y1_first else 1 - p_m)
+    return per_prompt
+
+
+def brute_q(model, tokenizer, instruction, y1, y2, ids, alpha_l=0.0, len_1=None, len_2=None):
+    """Q = P_grm(y1 > y2) (Eq. 5) averaged over the 4 judge prompts (section 3.3). Differentiable."""
+    return sum(brute_q_prompts(model, tokenizer, instruction, y1, y2, ids, alpha_l, len_1, len_2)) / 4
 
 
 def response_ids(tokenizer, prompt, response, finished=True):
@@ -655,20 +660,34 @@ def test_e2e_models_and_metrics(e2e, tiny_model_dir, data_dir, tok):
         assert any(not torch.equal(states[a][k], states[b][k]) for k in states[a]), f"{a} == {b}"
     assert not (out / "M3").exists()
     metrics = read_jsonl(out / "metrics.jsonl")
-    assert [m["iteration"] for m in metrics] == [1, 2]
-    keys = {"iteration", "consistency_rate", "dcpo_fraction", "loss", "consistency_loss", "dpo_loss",
-            "response_length"}
-    for t, m in enumerate(metrics, 1):
-        assert keys <= set(m)
+    assert [(m["model"], m["iteration"]) for m in metrics] == [("M0", 0), ("M1", 1), ("M2", 2)]
+    assert metrics[0]["loss"] is None and metrics[0]["consistency_trained"] is None  # M0 was not trained on pairs
+    assert metrics[2]["response_length"] is None and metrics[2]["consistency_new"] is None  # M2 sampled nothing
+
+    def unanimous_consistency(pairs, when):
+        """Section 4.3 by hand: pairs whose 4 judge prompts all prefer one response, share where IRM agrees."""
+        counted = [r for r in pairs if len({q > 0.5 for q in r[f"q_prompts_{when}"]}) == 1
+                   and all(q != 0.5 for q in r[f"q_prompts_{when}"])]
+        agreed = [r for r in counted if (r[f"p_{when}"] > 0.5) == (r[f"q_prompts_{when}"][0] > 0.5)]
+        return (len(agreed) / len(counted) if counted else None), len(counted)
+
+    for t in (1, 2):  # iteration t: M_{t-1} samples D_{t-1} (row t-1), training gives M_t (row t)
+        before, after = metrics[t - 1], metrics[t]
         pairs = read_jsonl(out / f"iter{t}" / "pairs.jsonl")
         samples = read_jsonl(out / f"iter{t}" / "samples.jsonl")
-        assert len(pairs) == len(samples) == 3
+        assert len(pairs) == len(samples) == after["pairs"] == 3
         agree = [r["label_irm_end"] == r["label_grm_end"] for r in pairs]
-        assert m["consistency_rate"] == pytest.approx(sum(agree) / len(pairs))
-        assert 0 <= m["dcpo_fraction"] <= 1
-        assert m["loss"] > 0  # so M_t -> M_t+1 had gradients
+        assert after["consistency_rate"] == pytest.approx(sum(agree) / len(pairs))
+        assert 0 <= after["dcpo_fraction"] <= 1
+        assert after["loss"] > 0  # so M_t -> M_t+1 had gradients
         lengths = [len(s["token_ids"]) for row in samples for s in row["samples"]]
-        assert m["response_length"] == pytest.approx(sum(lengths) / len(lengths))
+        assert before["response_length"] == pytest.approx(sum(lengths) / len(lengths))
+        # Table 1 / Figure 2: M_{t-1} on its new pairs D_{t-1}, M_t on the pairs it was trained on
+        rate, counted = unanimous_consistency(pairs, "start")
+        assert (before["consistency_new"], before["counted_new"]) == (pytest.approx(rate) if rate else None, counted)
+        rate, counted = unanimous_consistency(pairs, "end")
+        assert (after["consistency_trained"], after["counted_trained"]) == (pytest.approx(rate) if rate else None,
+                                                                            counted)
         for row in pairs:
             for when in ("start", "end"):
                 p, q = row[f"p_{when}"], row[f"q_{when}"]
@@ -712,10 +731,12 @@ def test_e2e_p_and_q_match_brute_force(e2e, tiny_model_dir, tok, ids_mM):
                 for when, name in (("start", f"M{t - 1}"), ("end", f"M{t}")):
                     pi = logps(name)
                     p = sigmoid(beta * ((pi[0] - g[0]) - (pi[1] - g[1])))
-                    q = brute_q(models[name], tok, row["prompt"], y1["response"], y2["response"], ids_mM, alpha_l,
-                                len(y1["token_ids"]), len(y2["token_ids"])).item()
+                    q = [v.item() for v in brute_q_prompts(models[name], tok, row["prompt"], y1["response"],
+                                                           y2["response"], ids_mM, alpha_l, len(y1["token_ids"]),
+                                                           len(y2["token_ids"]))]
                     assert row[f"p_{when}"] == pytest.approx(p, abs=1e-4), (t, when)
-                    assert row[f"q_{when}"] == pytest.approx(q, abs=1e-4), (t, when)
+                    assert row[f"q_prompts_{when}"] == pytest.approx(q, abs=1e-4), (t, when)
+                    assert row[f"q_{when}"] == pytest.approx(sum(q) / 4, abs=1e-4), (t, when)
 
 
 def test_e2e_rerun_resumes_without_changes(e2e):
@@ -724,7 +745,7 @@ def test_e2e_rerun_resumes_without_changes(e2e):
     assert {k: v[0] for k, v in e2e.after.items()} == {k: v[0] for k, v in e2e.before.items()}
     # models, samples and pairs are not even rewritten
     for name, (digest, mtime) in e2e.before.items():
-        if name not in ("metrics.jsonl", "args.json"):
+        if name not in ("metrics.jsonl", "args.json", "table.md"):
             assert e2e.after[name] == (digest, mtime), name
     assert e2e.second_s < e2e.first_s
 
@@ -733,7 +754,7 @@ def test_demo_runs(run_script, tmp_path):
     result = run_script("scir.py", "--demo", "--output_dir", tmp_path / "demo", timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = read_jsonl(tmp_path / "demo" / "metrics.jsonl")
-    assert [m["iteration"] for m in metrics] == [1, 2, 3]
+    assert [m["model"] for m in metrics] == ["M0", "M1", "M2", "M3"]
     for k in range(4):
         assert (tmp_path / "demo" / f"M{k}" / "config.json").is_file()
 
