@@ -733,6 +733,9 @@ def build_demo(out):
     data_dir.mkdir(parents=True, exist_ok=True)
     write_jsonl(data_dir / "sft.jsonl", [{"prompt": p, "response": r} for p, r in DEMO_DATA])
     write_jsonl(data_dir / "prompts.jsonl", [{"prompt": p} for p, _ in DEMO_DATA for _ in range(2)])
+    write_jsonl(data_dir / "eval.jsonl", [  # for --evaluate: one question of a choice task, one of GSM8K
+        {"task": "arc_easy", "prompt": "Which one is a color?\nA. red\nB. dog\nC. seven", "answer": "A"},
+        {"task": "gsm8k", "prompt": "What is 10 minus 4?", "answer": "6"}])
     return str(model_dir), str(data_dir)
 
 
@@ -794,12 +797,41 @@ def check_same_settings(out, args):
     path.write_text(json.dumps(asdict(args), indent=1))
 
 
-def print_table(rows):
-    columns = ["iteration", "consistency", "kendall", "spearman", "top_order", "pairs", "skipped", "loss",
-               "reward_accuracy", "reward_margin", "response_length"]
-    print("\n" + " | ".join(columns))
-    for row in rows:
-        print(" | ".join(f"{row[c]:.4f}" if isinstance(row[c], float) else str(row[c]) for c in columns))
+METHOD_NAMES = {"cream": "CREAM", "srlm": "SRLM", "p-srlm": "P-SRLM"}
+TASK_NAMES = {"arc_easy": "ARC-Easy", "arc_challenge": "ARC-Challenge", "openbookqa": "OpenBookQA", "siqa": "SIQA",
+              "gsm8k": "GSM8K"}
+
+
+def mean_std(values):
+    """(mean, population standard deviation): Table 2 reports each measure as mean +- std over prompts."""
+    mean = sum(values) / len(values)
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
+
+
+def final_table(args, metrics, evaluation):
+    """The run laid out like the paper: one row per model M_k with Table 1's exact match per task (arrows against the
+    previous iteration, from M2 on) and Table 2's rewarding consistency of M_k against M_{k-1} -> markdown text."""
+    tasks = list(dict.fromkeys(row["task"] for row in evaluation))
+    accuracy = {(row["model"], row["task"]): row["accuracy"] for row in evaluation}
+    header = ["Method", "Reward", "Iteration", *(TASK_NAMES.get(task, task) for task in tasks), "Consistency C", "Kendall tau", "Spearman", "TopOrder", "Pairs",
+              "Length"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for k in range(args.iterations + 2):
+        row = next((m for m in metrics if m["iteration"] == k), None)  # M_k rewards its samples in iteration k
+        names = {0: ("Initial", "-"), 1: ("SFT", "-"), 2: (METHOD_NAMES[args.method], "Self")}
+        cells = [*names.get(k, ("", "")), f"M{k}"]
+        for task in tasks:
+            now, before = accuracy[f"M{k}", task], accuracy[f"M{k - 1}", task] if k else None
+            arrow = "" if k < 2 else " ↑" if now > before else " ↓" if now < before else " ="
+            cells.append(f"{100 * now:.2f}{arrow}")
+        if row is None:
+            cells += ["-"] * 6
+        else:
+            cells.append(f"{(row['kendall'] + 1) / 2:.2f} ± {row['kendall_std'] / 2:.2f}")  # C = mean (tau + 1) / 2
+            cells += [f"{row[key]:.2f} ± {row[key + '_std']:.2f}" for key in ("kendall", "spearman", "top_order")]
+            cells += [str(row["pairs"]), f"{row['response_length']:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def evaluate_models(args, tokenizer, tests, out):
@@ -817,10 +849,7 @@ def evaluate_models(args, tokenizer, tests, out):
             scored = [row["correct"] for row in rows if row["task"] == task]
             table.append({"model": f"M{k}", "task": task, "accuracy": sum(scored) / len(scored), "n": len(scored)})
     write_jsonl(out / "evaluation.jsonl", table)
-    print("\nmodel | " + " | ".join(tasks))
-    for k in range(args.iterations + 2):
-        cells = {row["task"]: row["accuracy"] for row in table if row["model"] == f"M{k}"}
-        print(f"M{k} | " + " | ".join(f"{100 * cells[task]:.2f}" for task in tasks))
+    return table
 
 
 def main(argv=None):
@@ -885,19 +914,22 @@ def main(argv=None):
         if not (out / f"M{t + 1}").exists():  # line 14
             run_preference_training(args, tokenizer, pairs, t, out)
         summary = json.loads((out / f"M{t + 1}" / "training_summary.json").read_text())
-        mean = lambda key: sum(row[key] for row in reward_rows) / len(reward_rows)
-        metrics.append({"iteration": t, "consistency": consistency, "kendall": mean("tau"),
-                        "spearman": mean("spearman"), "top_order": mean("top_order"), "pairs": len(pairs),
+        (kendall, kendall_std), (spearman, spearman_std), (top_order, top_order_std) = (
+            mean_std([row[key] for row in reward_rows]) for key in ("tau", "spearman", "top_order"))
+        metrics.append({"iteration": t, "consistency": consistency, "kendall": kendall, "kendall_std": kendall_std,
+                        "spearman": spearman, "spearman_std": spearman_std, "top_order": top_order,
+                        "top_order_std": top_order_std, "pairs": len(pairs),
                         "skipped": len(samples) - len(pairs), "too_long": too_long, "unusable_judgements": unusable,
                         "loss": summary["loss"],
                         "reward_accuracy": summary["reward_accuracy"], "reward_margin": summary["reward_margin"],
                         "response_length": sum(len(s["token_ids"]) for row in samples for s in row["samples"])
                         / sum(len(row["samples"]) for row in samples)})
         write_jsonl(out / "metrics.jsonl", metrics)
-    print_table(metrics)
-    if args.evaluate:
-        evaluate_models(args, tokenizer, tests, out)
-    print(f"\nmodels, samples, rewards, pairs and metrics.jsonl are in {out}")
+    table = final_table(args, metrics, evaluate_models(args, tokenizer, tests, out) if args.evaluate else [])
+    (out / "table.md.tmp").write_text(table)
+    os.replace(out / "table.md.tmp", out / "table.md")
+    print("\n" + table)
+    print(f"models, samples, rewards, pairs, metrics.jsonl and table.md are in {out}")
 
 
 if __name__ == "__main__":

@@ -1129,7 +1129,8 @@ def main(argv=None):
             rows[k]["reward_bench"] = scores
     write_jsonl(out / "metrics.jsonl", rows)
     table = final_table(args, rows)
-    (out / "table.md").write_text(table)
+    (out / "table.md.tmp").write_text(table)
+    os.replace(out / "table.md.tmp", out / "table.md")
     print("\n" + table)
     print(f"models, samples, pairs, metrics.jsonl and table.md are in {out}")
 

@@ -211,6 +211,16 @@ def test_evaluate_through_the_cli(tmp_path, tiny_model_dir, data_dir, run_script
             accuracy = next(row["accuracy"] for row in table if row["model"] == f"M{k}" and row["task"] == task)
             assert accuracy == pytest.approx(sum(r["correct"] for r in rows if r["task"] == task)
                                              / sum(r["task"] == task for r in rows))
+    # table.md as Table 1: percentages, and from M2 on an arrow against the previous iteration
+    lines = (out / "table.md").read_text().splitlines()
+    assert lines[0].startswith("| Method | Reward | Iteration | ARC-Easy | GSM8K |")
+    percent = {(row["model"], row["task"]): 100 * row["accuracy"] for row in table}
+    for k in range(3):
+        cells = next(line for line in lines if f"| M{k} |" in line).split(" | ")
+        for column, task in ((3, "arc_easy"), (4, "gsm8k")):
+            now = percent[f"M{k}", task]
+            arrow = "" if k < 2 else {1: " ↑", -1: " ↓", 0: " ="}[(now > percent[f"M{k - 1}", task]) - (now < percent[f"M{k - 1}", task])]
+            assert cells[column] == f"{now:.2f}{arrow}"
 
 
 def test_evaluate_needs_eval_jsonl(tmp_path, tiny_model_dir, data_dir):

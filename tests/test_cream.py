@@ -10,6 +10,7 @@ import json
 import math
 import random
 import shutil
+import statistics
 import time
 from pathlib import Path
 
@@ -652,6 +653,11 @@ def test_e2e_cli_run(e2e, tiny_model_dir, tiny_tokenizer, data_dir):
         top = [float(first_argmax(rw["r"]) == first_argmax(rw["r_prev"]) and
                      first_argmin(rw["r"]) == first_argmin(rw["r_prev"])) for rw in rewards]
         assert m["top_order"] == pytest.approx(sum(top) / len(top))
+        for key, values in (("kendall", taus), ("spearman", spearman), ("top_order", top)):
+            assert m[f"{key}_std"] == pytest.approx(statistics.pstdev(values), abs=1e-6)
+        # table.md, row M_t (Table 2's "M_t vs M_{t-1}"): C = mean (tau + 1) / 2 +- std / 2
+        cells = next(line for line in (out / "table.md").read_text().splitlines() if f"| M{t} |" in line).split(" | ")
+        assert f"{statistics.mean(taus) / 2 + 0.5:.2f} ± {statistics.pstdev(taus) / 2:.2f}" in cells
         lengths = [len(s["token_ids"]) for row in samples for s in row["samples"]]
         assert m["response_length"] == pytest.approx(sum(lengths) / len(lengths))
 
@@ -689,7 +695,7 @@ def test_e2e_cli_rerun_resumes_without_work(e2e, run_script):
     assert sorted(after) == sorted(before)
     for path, (digest, mtime) in before.items():
         assert after[path][0] == digest, f"{path} changed on resume"
-        if path not in ("args.json", "metrics.jsonl"):  # these two are rewritten with identical content
+        if path not in ("args.json", "metrics.jsonl", "table.md"):  # rewritten with identical content
             assert after[path][1] == mtime, f"{path} was rewritten on resume"
     # fast: no model is loaded, nothing is sampled, scored or trained (the time is Python start-up and imports)
     assert not any(desc in result.stderr for desc in PROGRESS_OF_WORK), result.stderr[-2000:]
