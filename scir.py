@@ -295,16 +295,20 @@ def sequence_logps(model, input_ids, attention_mask, response_mask):
 
 
 @torch.no_grad()
-def score_logps(model_path, sequences, tokenizer, args, desc):
-    """[(prompt_ids, response_ids)] -> summed response log-probs under the model at model_path."""
-    model = load_model(model_path, args).eval()
-    logps = []
-    for start in tqdm(range(0, len(sequences), args.score_batch_size), desc=desc):
-        input_ids, attention_mask, labels = (t.to(model.device) for t in collate(
-            sequences[start: start + args.score_batch_size], tokenizer.pad_token_id))
-        logps += sequence_logps(model, input_ids, attention_mask, labels != -100).tolist()
-    del model
-    return logps
+def score_logps(path, model_path, sequences, tokenizer, args):
+    """Summed response log-probs of [(prompt_ids, response_ids)] under the model at model_path, cached in path."""
+    def compute():
+        model = load_model(model_path, args).eval()
+        logps = []
+        for start in tqdm(range(0, len(sequences), args.score_batch_size), desc=f"log-probs under {model_path}"):
+            input_ids, attention_mask, labels = (t.to(model.device) for t in collate(
+                sequences[start: start + args.score_batch_size], tokenizer.pad_token_id))
+            logps += sequence_logps(model, input_ids, attention_mask, labels != -100).tolist()
+        return [{"logp": v} for v in logps]
+    rows = cached_jsonl(path, compute)
+    if len(rows) != len(sequences):
+        fail(f"{path} holds log-probs of other sequences: delete it to recompute")
+    return [row["logp"] for row in rows]
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -659,12 +663,9 @@ def judge_length_reg(args, t):
 
 def global_reference_logps(args, tokenizer, pairs, path):
     """log pi_ref^g(y1|x) and log pi_ref^g(y2|x) of every pair, cached in path."""
-    global_path = args.global_reference or args.model
-    logps = cached_jsonl(path, lambda: [{"logp": v} for v in score_logps(
-        global_path, [s for pair in pairs for s in pair["sequences"]], tokenizer, args, f"global reference {global_path}")])
-    if len(logps) != 2 * len(pairs):
-        fail(f"{path} holds log-probs of other pairs: delete it to recompute")
-    return [{"logp_1": a["logp"], "logp_2": b["logp"]} for a, b in zip(logps[::2], logps[1::2])]
+    logps = score_logps(path, args.global_reference or args.model, [s for pair in pairs for s in pair["sequences"]],
+                         tokenizer, args)
+    return [{"logp_1": a, "logp_2": b} for a, b in zip(logps[::2], logps[1::2])]
 
 
 @torch.no_grad()
@@ -796,13 +797,10 @@ def run_baseline_training(args, tokenizer, samples, t, out):
     for row in samples:
         prompt_ids = encode(tokenizer, row["prompt"])
         sequences += [(prompt_ids, s["token_ids"][: args.max_length - len(prompt_ids)]) for s in row["samples"]]
-    local = [r["logp"] for r in cached_jsonl(it / "logps_local.jsonl", lambda: [
-        {"logp": v} for v in score_logps(out / f"M{t}", sequences, tokenizer, args, f"log-probs under M{t}")])]
+    local = score_logps(it / "logps_local.jsonl", out / f"M{t}", sequences, tokenizer, args)
     unusable = 0
     if args.method == "irm":
-        global_path = args.global_reference or args.model
-        global_ = [r["logp"] for r in cached_jsonl(it / "logps_global.jsonl", lambda: [
-            {"logp": v} for v in score_logps(global_path, sequences, tokenizer, args, f"log-probs under {global_path}")])]
+        global_ = score_logps(it / "logps_global.jsonl", args.global_reference or args.model, sequences, tokenizer, args)
         rewards = [a - b for a, b in zip(local, global_)]
     else:
         judged = cached_jsonl(it / "judgements.jsonl", lambda: judge_samples(out / f"M{t}", tokenizer, samples, args))
@@ -905,7 +903,8 @@ def score_model_on_pairs(args, tokenizer, pairs, k, out, identifier_ids):
     if args.method == "scir":
         return score_pairs(out / f"M{k}", tokenizer, pairs, args, identifier_ids, judge_length_reg(args, k),
                            f"RewardBench: IRM and GRM of M{k}")
-    logps = score_logps(out / f"M{k}", [s for p in pairs for s in p["sequences"]], tokenizer, args, f"RewardBench: M{k}")
+    logps = score_logps(out / "reward_bench" / f"logps_M{k}.jsonl", out / f"M{k}",
+                        [s for p in pairs for s in p["sequences"]], tokenizer, args)
     torch.manual_seed(args.seed + k)
     judged = judge_samples(out / f"M{k}", tokenizer, pairs, args)
     return [{"logp_1": a, "logp_2": b, "scores": j["scores"], "judgements": j["judgements"]}
