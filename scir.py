@@ -11,6 +11,7 @@ section 3.3, length-regularised), the consistency loss (Eq. 6) and DPO on the pa
 with the adaptive reference of Appendix A.
 """
 
+import hashlib
 import json
 import logging
 import math
@@ -702,8 +703,8 @@ def judge_label(q_prompts):
 
 def internal_consistency(p_irm, q_prompts):
     """Analysis (Table 1, Figure 2): share of pairs on which IRM and GRM agree, counting GRM only where its judge
-    prompts agree with each other (section 4.3). [P], [[Q per prompt]] -> (rate or None, pairs counted)."""
-    counted = [(p, label) for p, label in zip(p_irm, map(judge_label, q_prompts)) if label is not None]
+    prompts agree with each other (section 4.3), and IRM where P != 0.5. [P], [[Q per prompt]] -> (rate, counted)."""
+    counted = [(p, label) for p, label in zip(p_irm, map(judge_label, q_prompts)) if label is not None and p != 0.5]
     return (sum(agree(p, float(label)) for p, label in counted) / len(counted) if counted else None), len(counted)
 
 
@@ -726,6 +727,8 @@ def run_scir_training(args, tokenizer, samples, t, out, identifier_ids):
     summary = train(model, batches, scir_batch_loss(args, tokenizer, identifier_ids, alpha_l), args.lr, args,
                     f"SCIR M{t} -> M{t + 1}")
     end = score_pairs(model, tokenizer, pairs, args, identifier_ids, alpha_l, f"IRM and GRM of M{t + 1}")
+    trained = end if judge_length_reg(args, t + 1) == alpha_l else score_pairs(  # M_{t+1} judges with its own alpha_l
+        model, tokenizer, pairs, args, identifier_ids, judge_length_reg(args, t + 1), f"GRM of M{t + 1}, alpha_l on")
     p_start, p_end = irm_preferences(start, global_ref, args.beta), irm_preferences(end, global_ref, args.beta)
     rows = []
     for pair, ps, s, pe, e in zip(pairs, p_start, start, p_end, end):
@@ -735,7 +738,7 @@ def run_scir_training(args, tokenizer, samples, t, out, identifier_ids):
                      "label_grm_start": int(s["q"] > 0.5), "p_end": pe, "q_end": e["q"], "q_prompts_end": e["q_prompts"],
                      "label_irm_end": int(pe > 0.5), "label_grm_end": int(e["q"] > 0.5)})
     (consistency_new, counted_new), (consistency_trained, counted_trained) = (  # analysis: M_t on D_t, M_{t+1} on D_t
-        internal_consistency(p, [s["q_prompts"] for s in scored]) for p, scored in ((p_start, start), (p_end, end)))
+        internal_consistency(p, [s["q_prompts"] for s in scored]) for p, scored in ((p_start, start), (p_end, trained)))
     summary.update(pairs=len(pairs), consistency_rate=sum(agree(p, e["q"]) for p, e in zip(p_end, end)) / len(pairs),
                    consistency_new=consistency_new, counted_new=counted_new,
                    consistency_trained=consistency_trained, counted_trained=counted_trained)
@@ -891,10 +894,14 @@ def reward_bench_pairs(tokenizer, rows, args):
             continue  # the same rule as for the prompt pools
         responses = [{"response": text, "token_ids": encode(tokenizer, row["prompt"], text)[1]}
                      for text in (row["chosen"], row["rejected"])]
-        pairs.append({"id": f"rb-{j}", "prompt": row["prompt"], "subset": row["subset"], "response_1": responses[0],
+        content_id = hashlib.sha1(json.dumps([row[k] for k in ("prompt", "chosen", "rejected")]).encode()).hexdigest()
+        pairs.append({"id": content_id[:16], "prompt": row["prompt"], "subset": row["subset"], "response_1": responses[0],
                       "response_2": responses[1], "samples": responses})
     if not pairs:
         fail("every RewardBench prompt is longer than --max_length - --max_new_tokens")
+    if len(pairs) < len(rows):
+        print(f"note: {len(rows) - len(pairs)} of {len(rows)} RewardBench prompts are longer than --max_length - "
+              f"--max_new_tokens and left out")
     return [dict(pair, sequences=pair_sequences(tokenizer, pair, args.max_length)) for pair in pairs]
 
 
@@ -918,11 +925,13 @@ def evaluate_reward_bench(args, tokenizer, pairs, out, identifier_ids):
     global_ref = global_reference_logps(args, tokenizer, pairs, folder / "logps_global.jsonl")
     results = {}
     for k in range(args.iterations + 1):
-        scored = cached_jsonl(folder / f"M{k}.jsonl", lambda: score_model_on_pairs(
-            args, tokenizer, pairs, k, out, identifier_ids))
+        scored = cached_jsonl(folder / f"M{k}.jsonl", lambda: [dict(row, id=pair["id"]) for pair, row in zip(
+            pairs, score_model_on_pairs(args, tokenizer, pairs, k, out, identifier_ids))])
+        if [row["id"] for row in scored] != [pair["id"] for pair in pairs]:
+            fail(f"{folder / f'M{k}.jsonl'} scores other pairs than the RewardBench data now: delete {folder} to recompute")
         irm = [None if p == 0.5 else p > 0.5 for p in irm_preferences(scored, global_ref, args.beta)]
-        if args.method == "scir":
-            grm = [judge_label(s["q_prompts"]) for s in scored]
+        if args.method == "scir":  # the GRM's prediction is the mean over its 4 prompts (3.3), as DCPO uses it
+            grm = [None if s["q"] == 0.5 else s["q"] > 0.5 for s in scored]
         else:  # a tie or an unusable judgement labels nothing
             grm = [None if None in s["scores"] or s["scores"][0] == s["scores"][1] else s["scores"][0] > s["scores"][1]
                    for s in scored]

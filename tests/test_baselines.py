@@ -239,6 +239,7 @@ def test_internal_consistency_counts_only_unanimous_judge_prompts():
     rate, counted = scir.internal_consistency(p_irm, q_prompts)
     assert counted == 3 and rate == pytest.approx(2 / 3)
     assert scir.internal_consistency([0.9], [[0.6, 0.4, 0.6, 0.6]]) == (None, 0)
+    assert scir.internal_consistency([0.5, 0.7], [[0.6] * 4, [0.6] * 4]) == (1.0, 1)  # P = 0.5 labels nothing
 
 
 def test_per_prompt_judge_probabilities(monkeypatch, tiny_tokenizer):
@@ -468,7 +469,7 @@ def test_reward_bench_through_the_cli_matches_brute_force(tmp_path, tiny_model_d
                 assert (stored["logp_1"], stored["logp_2"]) == pytest.approx((pi_c.item(), pi_r.item()), abs=1e-4)
                 assert stored["q_prompts"] == pytest.approx(qs, abs=1e-5)  # alpha_l of M_k's judge
                 irm.append(p > 0.5)  # a tiny float P is never exactly 0.5
-                grm.append(True if min(qs) > 0.5 else False if max(qs) < 0.5 else None)
+                grm.append(sum(qs) / 4 > 0.5)  # section 3.3: the mean of the 4 prompts is the GRM's prediction
             both = [i if i == g else None for i, g in zip(irm, grm)]
             stored = metrics[k]["reward_bench"]
             for name, labels in (("irm", irm), ("grm", grm), ("consistency", both)):
@@ -486,7 +487,11 @@ def test_reward_bench_through_the_cli_matches_brute_force(tmp_path, tiny_model_d
 def test_scir_srlm_reward_bench_uses_the_pointwise_judge(monkeypatch, tmp_path, tiny_model_dir, data_dir):
     """The baselines' GRM on RewardBench is the Table 6 judge: chosen wins where its (patched) score is higher, and a
     tie or an unreadable judgement labels nothing."""
+    from test_scir import brute_logp
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     monkeypatch.setattr(scir, "parse_score", lambda text: None if len(text) % 7 == 0 else float(len(text) % 3))
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     out = tmp_path / "run"
     scir.main(["--model", tiny_model_dir, "--data_dir", data_dir, "--output_dir", str(out), "--method", "srlm",
                *map(str, SCIR_SMALL), "--eval_reward_bench"])
@@ -495,9 +500,36 @@ def test_scir_srlm_reward_bench_uses_the_pointwise_judge(monkeypatch, tmp_path, 
     for k in (0, 1):
         scored = read_jsonl(out / "reward_bench" / f"M{k}.jsonl")
         assert len(scored) == len(rows)
+        model = AutoModelForCausalLM.from_pretrained(out / f"M{k}", dtype=torch.float32).eval()
+        with torch.no_grad():  # y1 is the chosen response, y2 the rejected one, under M_k
+            for s, r in zip(scored, rows):
+                expected = [brute_logp(model, tok, r["prompt"], r[key]).item() for key in ("chosen", "rejected")]
+                assert [s["logp_1"], s["logp_2"]] == pytest.approx(expected, abs=1e-4)
         grm = []
         for s in scored:
             chosen, rejected = (None if len(text) % 7 == 0 else len(text) % 3 for text in s["judgements"])
             grm.append(None if chosen is None or rejected is None or chosen == rejected else chosen > rejected)
         for key, value in by_hand_sections([r["subset"] for r in rows], grm).items():
             assert metrics[k]["reward_bench"]["grm"][key] == (None if value is None else pytest.approx(value)), (k, key)
+
+
+def test_table_1_consistency_uses_each_models_own_judge(monkeypatch, tmp_path, tiny_model_dir, data_dir):
+    """Table 1 / Figure 2 rows: M_k on its new pairs D_k and on the pairs it was trained on, D_{k-1}, each judged
+    with M_k's own length regularisation (on from --length_reg_from 2, i.e. for M1 and M2). A patched judge is
+    unanimous (Q = 0.9) only when length regularisation is on, and split across its prompts otherwise."""
+    def patched_judge(model, tokenizer, instructions, responses_1, responses_2, identifier_ids, alpha_l, max_length,
+                      lengths_1=None, lengths_2=None, num_prompts=4, per_prompt=False):
+        q = torch.tensor([[0.9] * 4 if alpha_l > 0 else [0.6, 0.4, 0.6, 0.4]] * len(instructions), device=model.device)
+        return q if per_prompt else q.mean(-1)
+    monkeypatch.setattr(scir, "generative_preference", patched_judge)
+    out = tmp_path / "run"
+    scir.main(["--model", tiny_model_dir, "--data_dir", data_dir, "--output_dir", str(out), *map(str, SCIR_SMALL),
+               "--iterations", "2", "--length_reg_from", "2", "--length_reg", "0.05"])
+    metrics = read_jsonl(out / "metrics.jsonl")
+    pairs = {t: read_jsonl(out / f"iter{t}" / "pairs.jsonl") for t in (1, 2)}
+    share_y1 = lambda rows, key: sum(row[key] > 0.5 for row in rows) / len(rows)  # Q = 0.9: the judge picks y1
+    assert (metrics[0]["consistency_new"], metrics[0]["counted_new"]) == (None, 0)  # M0 judges without: split
+    assert metrics[1]["counted_trained"] == metrics[1]["counted_new"] == metrics[2]["counted_trained"] == 3
+    assert metrics[1]["consistency_trained"] == pytest.approx(share_y1(pairs[1], "p_end"))  # M1 on D_0
+    assert metrics[1]["consistency_new"] == pytest.approx(share_y1(pairs[2], "p_start"))  # M1 on D_1
+    assert metrics[2]["consistency_trained"] == pytest.approx(share_y1(pairs[2], "p_end"))  # M2 on D_1

@@ -664,13 +664,6 @@ def test_e2e_models_and_metrics(e2e, tiny_model_dir, data_dir, tok):
     assert metrics[0]["loss"] is None and metrics[0]["consistency_trained"] is None  # M0 was not trained on pairs
     assert metrics[2]["response_length"] is None and metrics[2]["consistency_new"] is None  # M2 sampled nothing
 
-    def unanimous_consistency(pairs, when):
-        """Section 4.3 by hand: pairs whose 4 judge prompts all prefer one response, share where IRM agrees."""
-        counted = [r for r in pairs if len({q > 0.5 for q in r[f"q_prompts_{when}"]}) == 1
-                   and all(q != 0.5 for q in r[f"q_prompts_{when}"])]
-        agreed = [r for r in counted if (r[f"p_{when}"] > 0.5) == (r[f"q_prompts_{when}"][0] > 0.5)]
-        return (len(agreed) / len(counted) if counted else None), len(counted)
-
     for t in (1, 2):  # iteration t: M_{t-1} samples D_{t-1} (row t-1), training gives M_t (row t)
         before, after = metrics[t - 1], metrics[t]
         pairs = read_jsonl(out / f"iter{t}" / "pairs.jsonl")
@@ -682,18 +675,6 @@ def test_e2e_models_and_metrics(e2e, tiny_model_dir, data_dir, tok):
         assert after["loss"] > 0  # so M_t -> M_t+1 had gradients
         lengths = [len(s["token_ids"]) for row in samples for s in row["samples"]]
         assert before["response_length"] == pytest.approx(sum(lengths) / len(lengths))
-        # Table 1 / Figure 2: M_{t-1} on its new pairs D_{t-1}, M_t on the pairs it was trained on
-        rate, counted = unanimous_consistency(pairs, "start")
-        assert (before["consistency_new"], before["counted_new"]) == (pytest.approx(rate) if rate else None, counted)
-        rate, counted = unanimous_consistency(pairs, "end")
-        assert (after["consistency_trained"], after["counted_trained"]) == (pytest.approx(rate) if rate else None,
-                                                                            counted)
-        for row in pairs:
-            for when in ("start", "end"):
-                p, q = row[f"p_{when}"], row[f"q_{when}"]
-                assert 0 <= p <= 1 and 0 <= q <= 1
-                assert row[f"label_irm_{when}"] == int(p > 0.5)
-                assert row[f"label_grm_{when}"] == int(q > 0.5)
     # fresh prompts every iteration, each sampled num_samples times
     prompts_seen = [row["prompt"] for t in (1, 2) for row in read_jsonl(out / f"iter{t}" / "samples.jsonl")]
     assert len(set(prompts_seen)) == 6
@@ -714,9 +695,11 @@ def test_e2e_p_and_q_match_brute_force(e2e, tiny_model_dir, tok, ids_mM):
     regularisation from iteration 2 on, |y| = sampled tokens) recomputed from the saved models M0, M1, M2."""
     out, beta = e2e.out, E2E_BETA
     models = {"base": load(tiny_model_dir), **{f"M{k}": load(out / f"M{k}") for k in range(3)}}
+    metrics = read_jsonl(out / "metrics.jsonl")
     with torch.no_grad():
         for t, alpha_l in ((1, 0.0), (2, 0.05)):
             samples = {row["id"]: row for row in read_jsonl(out / f"iter{t}" / "samples.jsonl")}
+            new, trained = [], []  # (P, Q per prompt) of M_{t-1} and of M_t on D_{t-1}, each judging with its own alpha_l
             for row in read_jsonl(out / f"iter{t}" / "pairs.jsonl"):
                 s = samples[row["id"]]
                 y1, y2 = s["response_1"], s["response_2"]
@@ -737,6 +720,16 @@ def test_e2e_p_and_q_match_brute_force(e2e, tiny_model_dir, tok, ids_mM):
                     assert row[f"p_{when}"] == pytest.approx(p, abs=1e-4), (t, when)
                     assert row[f"q_prompts_{when}"] == pytest.approx(q, abs=1e-4), (t, when)
                     assert row[f"q_{when}"] == pytest.approx(sum(q) / 4, abs=1e-4), (t, when)
+                    own_alpha = 0.05 if int(name[1:]) + 1 >= 2 else 0.0  # --length_reg_from 2: M1 on judges with it
+                    (new if when == "start" else trained).append((p, [v.item() for v in brute_q_prompts(
+                        models[name], tok, row["prompt"], y1["response"], y2["response"], ids_mM, own_alpha,
+                        len(y1["token_ids"]), len(y2["token_ids"]))]))
+            # Table 1 / Figure 2 by hand: pairs whose 4 judge prompts all prefer one response, share where P agrees
+            for measured, row, key in ((new, metrics[t - 1], "new"), (trained, metrics[t], "trained")):
+                counted = [(p, qs) for p, qs in measured if (min(qs) > 0.5 or max(qs) < 0.5) and p != 0.5]
+                agreed = [1 for p, qs in counted if (p > 0.5) == (qs[0] > 0.5)]
+                assert row[f"counted_{key}"] == len(counted), (t, key)
+                assert row[f"consistency_{key}"] == (pytest.approx(len(agreed) / len(counted)) if counted else None)
 
 
 def test_e2e_rerun_resumes_without_changes(e2e):
