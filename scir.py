@@ -708,6 +708,16 @@ def internal_consistency(p_irm, q_prompts):
     return (sum(agree(p, float(label)) for p, label in counted) / len(counted) if counted else None), len(counted)
 
 
+def consistency_figures(start, trained, global_ref, beta):
+    """Analysis (Table 1, Figure 2) of one iteration's pairs D_t: M_t's IRM-GRM consistency on them (new pairs) and
+    M_{t+1}'s (trained pairs), each from score_pairs rows -> metrics."""
+    figures = {}
+    for key, scored in (("new", start), ("trained", trained)):
+        rate, counted = internal_consistency(irm_preferences(scored, global_ref, beta), [s["q_prompts"] for s in scored])
+        figures |= {f"consistency_{key}": rate, f"counted_{key}": counted}
+    return figures
+
+
 def run_scir_training(args, tokenizer, samples, t, out, identifier_ids):
     """Precompute pi_ref^g and pi_ref^l = M_t log-probs (and P, Q of M_t), train M_t -> M_{t+1}, measure P, Q again."""
     it = out / f"iter{t + 1}"
@@ -737,11 +747,8 @@ def run_scir_training(args, tokenizer, samples, t, out, identifier_ids):
                      "q_prompts_start": s["q_prompts"], "label_irm_start": int(ps > 0.5),
                      "label_grm_start": int(s["q"] > 0.5), "p_end": pe, "q_end": e["q"], "q_prompts_end": e["q_prompts"],
                      "label_irm_end": int(pe > 0.5), "label_grm_end": int(e["q"] > 0.5)})
-    (consistency_new, counted_new), (consistency_trained, counted_trained) = (  # analysis: M_t on D_t, M_{t+1} on D_t
-        internal_consistency(p, [s["q_prompts"] for s in scored]) for p, scored in ((p_start, start), (p_end, trained)))
     summary.update(pairs=len(pairs), consistency_rate=sum(agree(p, e["q"]) for p, e in zip(p_end, end)) / len(pairs),
-                   consistency_new=consistency_new, counted_new=counted_new,
-                   consistency_trained=consistency_trained, counted_trained=counted_trained)
+                   **consistency_figures(start, trained, global_ref, args.beta))
     write_jsonl(it / "pairs.jsonl", rows)
     save_model(model, tokenizer, out / f"M{t + 1}", summary)
     del model
@@ -784,7 +791,7 @@ def judge_samples(model_path, tokenizer, samples_rows, args):
 def dpo_batch_loss(args, tokenizer):
     def loss_fn(model, batch):
         """Chosen and rejected of a micro-batch stacked into one forward pass; Eq. 3 against M_t."""
-        sequences = [p["chosen_sequence"] for p in batch] + [p["rejected_sequence"] for p in batch]
+        sequences = [p["sequences"][0] for p in batch] + [p["sequences"][1] for p in batch]  # chosen, rejected
         input_ids, attention_mask, labels = (t.to(model.device) for t in collate(sequences, tokenizer.pad_token_id))
         chosen, rejected = sequence_logps(model, input_ids, attention_mask, labels != -100).split(len(batch))
         ref = lambda key: torch.tensor([p[key] for p in batch], device=model.device)
@@ -793,8 +800,11 @@ def dpo_batch_loss(args, tokenizer):
     return loss_fn
 
 
-def run_baseline_training(args, tokenizer, samples, t, out):
-    """SRLM (judge scores) or IRM (log pi_t - log pi_ref^g) ranks each prompt's responses; DPO on best vs worst."""
+def run_baseline_training(args, tokenizer, samples, t, out, identifier_ids):
+    """SRLM (judge scores) or IRM (log pi_t - log pi_ref^g) ranks each prompt's responses; DPO on best vs worst.
+
+    Analysis (Table 1 is SRLM's): the pairs are also scored by the IRM and the 4 pairwise judge prompts (zero-shot,
+    no length regularisation) of M_t before and of M_{t+1} after training."""
     it = out / f"iter{t + 1}"
     sequences = []
     for row in samples:
@@ -818,17 +828,26 @@ def run_baseline_training(args, tokenizer, samples, t, out):
         best, worst = max(usable, key=r.__getitem__), min(usable, key=r.__getitem__)
         pairs.append({"id": row["id"], "prompt": row["prompt"], "chosen": row["samples"][best]["response"],
                       "rejected": row["samples"][worst]["response"], "rewards": r,
-                      "chosen_sequence": sequences[j * n + best], "rejected_sequence": sequences[j * n + worst],
+                      "response_1": row["samples"][best], "response_2": row["samples"][worst],  # for the analysis
+                      "sequences": [sequences[j * n + best], sequences[j * n + worst]],
                       "ref_chosen_logp": local[j * n + best], "ref_rejected_logp": local[j * n + worst]})
     if not pairs:
         fail(f"iteration {t + 1}: no prompt has two responses with different rewards"
              + (f" ({unusable} judgements gave no score)" if unusable else ""))
+    global_ref = global_reference_logps(args, tokenizer, pairs, it / "logps_global_pairs.jsonl")
+    start = cached_jsonl(it / "start.jsonl", lambda: score_pairs(
+        out / f"M{t}", tokenizer, pairs, args, identifier_ids, 0.0, f"IRM and GRM of M{t}"))
     batches = [b for epoch in range(args.epochs) for b in micro_batches(pairs, args.batch_size, args.seed + t + epoch)]
     model = load_model(out / f"M{t}", args)
     torch.manual_seed(args.seed + 1000 * t + 1)
     summary = train(model, batches, dpo_batch_loss(args, tokenizer), args.lr, args, f"{args.method} M{t} -> M{t + 1}")
-    summary.update(pairs=len(pairs), unusable_judgements=unusable)
-    write_jsonl(it / "pairs.jsonl", [{k: v for k, v in p.items() if not k.endswith("_sequence")} for p in pairs])
+    end = score_pairs(model, tokenizer, pairs, args, identifier_ids, 0.0, f"IRM and GRM of M{t + 1}")
+    summary.update(pairs=len(pairs), unusable_judgements=unusable, **consistency_figures(start, end, global_ref, args.beta))
+    p_start, p_end = (irm_preferences(scored, global_ref, args.beta) for scored in (start, end))
+    write_jsonl(it / "pairs.jsonl", [{k: v for k, v in p.items() if k not in ("response_1", "response_2", "sequences")}
+                                     | {"p_start": ps, "q_prompts_start": s["q_prompts"], "p_end": pe,
+                                        "q_prompts_end": e["q_prompts"]}
+                                     for p, ps, s, pe, e in zip(pairs, p_start, start, p_end, end)])
     save_model(model, tokenizer, out / f"M{t + 1}", summary)
     del model
 
@@ -1125,7 +1144,7 @@ def main(argv=None):
             if args.method == "scir":
                 run_scir_training(args, tokenizer, samples, t, out, identifier_ids)
             else:
-                run_baseline_training(args, tokenizer, samples, t, out)
+                run_baseline_training(args, tokenizer, samples, t, out, identifier_ids)
         summary = json.loads((out / f"M{t + 1}" / "training_summary.json").read_text())
         lengths = [len(s["token_ids"]) for row in samples for s in row["samples"]]
         rows[t].update(response_length=sum(lengths) / len(lengths), too_long=too_long,

@@ -353,15 +353,38 @@ def test_scir_irm_baseline_pairs_best_and_worst_implicit_reward(tmp_path, tiny_m
     _, metrics = read_jsonl(out / "metrics.jsonl")  # rows M0, M1
     assert metrics["pairs"] == len(pairs) and metrics["consistency_rate"] is None
     assert metrics["loss"] == pytest.approx(metrics["dpo_loss"])
+    # Table 1's analysis: P (Eq. 4, global reference) of chosen vs rejected under M0 and M1, token by token
+    from test_scir import brute_logp_ids
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    models = {name: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+              for name, path in (("base", tiny_model_dir), ("M0", out / "M0"), ("M1", out / "M1"))}
+    ids_of = {row["id"]: {s["response"]: s["token_ids"] for s in row["samples"]} for row in samples}
+    with torch.no_grad():
+        for pair in pairs:
+            p_ids = tok(prompts.chat_prompt(tok, pair["prompt"]), add_special_tokens=False).input_ids
+            y = [ids_of[pair["id"]][pair[key]] for key in ("chosen", "rejected")]
+            logp = {name: [brute_logp_ids(model, p_ids, ids).item() for ids in y] for name, model in models.items()}
+            for when, name in (("start", "M0"), ("end", "M1")):
+                ratio = (logp[name][0] - logp["base"][0]) - (logp[name][1] - logp["base"][1])
+                assert pair[f"p_{when}"] == pytest.approx(1 / (1 + math.exp(-5.0 * ratio)), abs=1e-4)
 
 
 def test_scir_srlm_baseline_follows_the_judge_scores(monkeypatch, tmp_path, tiny_model_dir, data_dir):
     """A random tiny model writes no 'Score: N', so the scores are patched: the judgement's length mod 5."""
     monkeypatch.setattr(scir, "parse_score", lambda text: float(len(text) % 5))
+    # Table 1's analysis of SRLM: a patched pairwise judge, unanimous for the chosen response (y1) of each pair
+    monkeypatch.setattr(scir, "generative_preference", lambda model, tokenizer, instructions, *args, per_prompt=False,
+                        **kwargs: torch.full((len(instructions), 4) if per_prompt else (len(instructions),), 0.9))
     out = tmp_path / "run"
     scir.main(["--model", tiny_model_dir, "--data_dir", data_dir, "--output_dir", str(out), "--method", "srlm",
                *map(str, SCIR_SMALL), "--num_samples", "3"])
-    assert_pairs_follow_patched_scores(out)
+    pairs = assert_pairs_follow_patched_scores(out)
+    m0, m1 = read_jsonl(out / "metrics.jsonl")
+    share = lambda key: sum(p[key] > 0.5 for p in pairs) / len(pairs)  # the IRM also prefers the chosen response
+    assert (m0["consistency_new"], m0["counted_new"]) == (pytest.approx(share("p_start")), len(pairs))
+    assert (m1["consistency_trained"], m1["counted_trained"]) == (pytest.approx(share("p_end")), len(pairs))
 
 
 def assert_pairs_follow_patched_scores(out):
