@@ -831,6 +831,9 @@ def final_table(args, metrics, evaluation):
             cells += [f"{row[key]:.2f} ± {row[key + '_std']:.2f}" for key in ("kendall", "spearman", "top_order")]
             cells += [str(row["pairs"]), f"{row['response_length']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
+    lines.append("\nC, tau, Spearman, TopOrder in row M_k: M_k's rankings of its samples against M_{k-1}'s (Table 2's "
+                 "'M_k vs M_{k-1}'); in row M1 against log pi_0 itself (Algorithm 1, t = 1)."
+                 + (" Exact match in percent." if tasks else ""))
     return "\n".join(lines) + "\n"
 
 

@@ -775,10 +775,18 @@ def parse_score(judgement):
     return scores[-1] if scores else None
 
 
+def pointwise_prompt(tokenizer, instruction, response, max_length):
+    """Table 6's prompt for one response, cut (like judge_inputs) so the prompt keeps to about max_length tokens."""
+    room = max(1, max_length - len(encode(tokenizer, fill_pointwise(instruction, ""))))
+    ids = tokenizer(response, add_special_tokens=False).input_ids
+    return fill_pointwise(instruction, response if len(ids) <= room else tokenizer.decode(ids[:room]).rstrip("\ufffd"))
+
+
 def judge_samples(model_path, tokenizer, samples_rows, args):
     """Self-Rewarding: one sampled Table 6 judgement per response from M_t -> per-prompt scores (None: no score)."""
     model = load_model(model_path, args).eval()
-    prompts = [fill_pointwise(row["prompt"], s["response"]) for row in samples_rows for s in row["samples"]]
+    prompts = [pointwise_prompt(tokenizer, row["prompt"], s["response"], args.max_length)
+               for row in samples_rows for s in row["samples"]]
     judgements = [reply for (reply,) in sample_responses(model, tokenizer, prompts, args, num_samples=1)]
     del model
     rows, n = [], len(samples_rows[0]["samples"])

@@ -556,3 +556,14 @@ def test_table_1_consistency_uses_each_models_own_judge(monkeypatch, tmp_path, t
     assert metrics[1]["consistency_trained"] == pytest.approx(share_y1(pairs[1], "p_end"))  # M1 on D_0
     assert metrics[1]["consistency_new"] == pytest.approx(share_y1(pairs[2], "p_start"))  # M1 on D_1
     assert metrics[2]["consistency_trained"] == pytest.approx(share_y1(pairs[2], "p_end"))  # M2 on D_1
+
+
+def test_pointwise_prompt_cuts_only_a_response_that_does_not_fit(tiny_tokenizer):
+    short = scir.pointwise_prompt(tiny_tokenizer, "Describe the fox.", "A quick brown fox.", 700)
+    assert short == prompts.fill_pointwise("Describe the fox.", "A quick brown fox.")
+    long_response = " ".join(f"fox{k}" for k in range(400))  # ~1,200 tokens
+    text = scir.pointwise_prompt(tiny_tokenizer, "Describe the fox.", long_response, 700)
+    tokens = len(tiny_tokenizer(prompts.chat_prompt(tiny_tokenizer, text), add_special_tokens=False).input_ids)
+    assert 650 < tokens <= 705  # re-encoding a cut text may take a few more tokens
+    assert "fox0 fox1 fox2" in text and long_response not in text
+    assert text.startswith(prompts.fill_pointwise("Describe the fox.", "")[:40])
