@@ -657,6 +657,9 @@ def scir_batch_loss(args, tokenizer, identifier_ids, alpha_l):
     return loss_fn
 
 
+# --------------------------------------------------------------------------------------------------------
+# Scoring pairs without gradients: the reference log-probs, P and Q of a model before or after an iteration
+# --------------------------------------------------------------------------------------------------------
 def judge_length_reg(args, t):
     """alpha_l of M_t's judge: length regularisation is on from iteration --length_reg_from, where M_{from-1} judges."""
     return args.length_reg if t + 1 >= args.length_reg_from else 0.0
@@ -691,6 +694,9 @@ def irm_preferences(scored, global_ref, beta):
                                column(global_ref, "logp_2"), beta).tolist()
 
 
+# --------------------------------------------------------------------------------------------------------
+# Analysis (Table 1, Figure 2, section 4.3): how often the IRM and the GRM of a model pick the same response
+# --------------------------------------------------------------------------------------------------------
 def agree(p, q):
     """IRM and GRM pick the same response; a probability of exactly 0.5 picks none, so it agrees with nothing."""
     return (p > 0.5 and q > 0.5) or (p < 0.5 and q < 0.5)
@@ -718,6 +724,9 @@ def consistency_figures(start, trained, global_ref, beta):
     return figures
 
 
+# --------------------------------------------------------------------------------------------------------
+# One iteration (section 4.1): precompute the references, train M_t -> M_{t+1} with Eq. 7, measure again
+# --------------------------------------------------------------------------------------------------------
 def run_scir_training(args, tokenizer, samples, t, out, identifier_ids):
     """Precompute pi_ref^g and pi_ref^l = M_t log-probs (and P, Q of M_t), train M_t -> M_{t+1}, measure P, Q again."""
     it = out / f"iter{t + 1}"
