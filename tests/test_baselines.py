@@ -567,3 +567,43 @@ def test_pointwise_prompt_cuts_only_a_response_that_does_not_fit(tiny_tokenizer)
     assert 650 < tokens <= 705  # re-encoding a cut text may take a few more tokens
     assert "fox0 fox1 fox2" in text and long_response not in text
     assert text.startswith(prompts.fill_pointwise("Describe the fox.", "")[:40])
+
+
+def test_scir_hub_loaders_on_rows_shaped_like_the_hub(monkeypatch):
+    """load_hub_data and load_reward_bench with datasets.load_dataset answering rows shaped as the cards say
+    (shared/notes/datasets.md): Alpaca's input joined to its instruction, LIMA's first exchange, English single-turn
+    oasst2 prompts without the 'prompter: ' prefix, RewardBench pairs without a gold label dropped."""
+    import datasets
+
+    hub = {
+        "tatsu-lab/alpaca": [{"instruction": f"Task {k}.", "input": "some input" if k % 2 else " ", "output": f"Done {k}.",
+                              "text": "never used"} for k in range(6)],
+        "GAIR/lima": [{"conversations": ["Hi?", "Hello.", "More?", "No."], "source": "x"},
+                      {"conversations": ["Alone"], "source": "y"}],
+        "monology/oasst2_dpo": [
+            {"lang": "en", "parent_id": "a", "prompt": "prompter: Why?", "chosen": "Because.", "rejected": "No."},
+            {"lang": "de", "parent_id": "b", "prompt": "prompter: Warum?", "chosen": "Darum.", "rejected": "Nein."},
+            {"lang": "en", "parent_id": "c", "prompt": "prompter: A\nassistant: B\nprompter: C", "chosen": "D",
+             "rejected": "E"}],
+        "allenai/reward-bench": [
+            {"prompt": "p1", "chosen": "good", "chosen_model": "m", "rejected": "bad", "rejected_model": "n",
+             "subset": "hep-go", "id": 1},
+            {"prompt": "p2", "chosen": "same", "chosen_model": "m", "rejected": "same", "rejected_model": "n",
+             "subset": "donotanswer", "id": 2}],
+    }
+    calls = []
+
+    def fake_load_dataset(repo, split, **kwargs):
+        calls.append((repo, split, kwargs))
+        return datasets.Dataset.from_list(hub[repo])
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    args = scir.parse_args(["--model", "m", "--sft_examples", "2", "--eval_reward_bench"])
+    sft, judge, prompt_rows = scir.load_hub_data(args)
+    alpaca_prompts = {f"Task {k}." + ("\n\nsome input" if k % 2 else "") for k in range(6)}
+    assert len(sft) == 3 and {row["prompt"] for row in sft[:2]} <= alpaca_prompts
+    assert sft[2] == {"prompt": "Hi?", "response": "Hello."}  # LIMA: the first exchange; a lone turn is skipped
+    assert judge == [{"prompt": "Why?", "chosen": "Because.", "rejected": "No."}]
+    assert len(prompt_rows) == 4 and {row["prompt"] for row in prompt_rows} | {row["prompt"] for row in sft[:2]} \
+        == alpaca_prompts  # the pools hold the Alpaca rows SFT did not use
+    assert scir.load_reward_bench(args) == [dict(hub["allenai/reward-bench"][0])]
+    assert ("allenai/reward-bench", "filtered", {}) in calls and ("GAIR/lima", "train", {"revision": "refs/convert/parquet"}) in calls
