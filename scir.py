@@ -911,7 +911,10 @@ def reward_bench_scores(subsets, correct):
     mean), except Reasoning, where math-prm weighs as much as the six code subsets together.
     """
     labelled = [(s, c) for s, c in zip(subsets, correct) if c is not None]
-    accuracy = lambda names: (lambda hits: sum(hits) / len(hits) if hits else None)([c for s, c in labelled if s in names])
+
+    def accuracy(names):
+        hits = [c for s, c in labelled if s in names]
+        return sum(hits) / len(hits) if hits else None
     scores = {}
     for section, names in REWARD_BENCH_SECTIONS.items():
         parts = [accuracy(names[:1]), accuracy(names[1:])] if section == "Reasoning" else [accuracy(names)]
@@ -925,7 +928,7 @@ def reward_bench_scores(subsets, correct):
 def reward_bench_pairs(tokenizer, rows, args):
     """RewardBench rows -> pairs shaped like the sampled ones, y1 = chosen, y2 = rejected (with EOS, as sampled)."""
     pairs = []
-    for j, row in enumerate(rows):
+    for row in rows:
         if len(encode(tokenizer, row["prompt"])) > args.max_length - args.max_new_tokens:
             continue  # the same rule as for the prompt pools
         responses = [{"response": text, "token_ids": encode(tokenizer, row["prompt"], text)[1]}
