@@ -770,6 +770,8 @@ def parse_args(argv=None):
         fail(f"--eval_limit must be at least 1, got {args.eval_limit}")
     if args.method not in ("cream", "srlm", "p-srlm"):
         fail(f"--method must be cream, srlm or p-srlm, got {args.method!r}")
+    if args.method != "cream" and (args.consistency_measure, args.consistency_scope) != ("kendall", "dataset"):
+        fail(f"--method {args.method} trains with C = 1: --consistency_measure and --consistency_scope are CREAM's")
     if args.dtype not in ("auto", "bfloat16", "float32"):
         fail(f"--dtype must be auto, bfloat16 or float32, got {args.dtype!r}")
     if args.sft_epochs < 0 or args.epochs < 1:
@@ -794,7 +796,8 @@ def check_same_settings(out, args):
         if changed:
             fail(f"{out} holds a run made with other settings: {', '.join(changed)}; "
                  f"rerun with those or use a new --output_dir")
-    path.write_text(json.dumps(asdict(args), indent=1))
+    Path(f"{path}.tmp").write_text(json.dumps(asdict(args), indent=1))
+    os.replace(f"{path}.tmp", path)
 
 
 METHOD_NAMES = {"cream": "CREAM", "srlm": "SRLM", "p-srlm": "P-SRLM"}

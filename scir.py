@@ -687,6 +687,16 @@ def score_pairs(model_path_or_model, tokenizer, pairs, args, identifier_ids, alp
     return results
 
 
+def scores_before_training(args, tokenizer, pairs, t, out, identifier_ids, alpha_l):
+    """score_pairs of M_t on iteration t + 1's pairs, cached in iter<t+1>/start.jsonl (resume)."""
+    path = out / f"iter{t + 1}" / "start.jsonl"
+    start = cached_jsonl(path, lambda: score_pairs(
+        out / f"M{t}", tokenizer, pairs, args, identifier_ids, alpha_l, f"IRM and GRM of M{t}"))
+    if len(start) != len(pairs):
+        fail(f"{path} holds scores of other pairs than the iteration's samples: delete it to recompute")
+    return start
+
+
 def irm_preferences(scored, global_ref, beta):
     """P of Eq. 4 from stored log-probs: rows {logp_1, logp_2} of a model and of pi_ref^g -> list of P."""
     column = lambda rows, key: torch.tensor([row[key] for row in rows], dtype=torch.float64)
@@ -733,10 +743,7 @@ def run_scir_training(args, tokenizer, samples, t, out, identifier_ids):
     alpha_l = judge_length_reg(args, t)
     pairs = [dict(row, sequences=pair_sequences(tokenizer, row, args.max_length)) for row in samples]
     global_ref = global_reference_logps(args, tokenizer, pairs, it / "logps_global.jsonl")
-    start = cached_jsonl(it / "start.jsonl", lambda: score_pairs(
-        out / f"M{t}", tokenizer, pairs, args, identifier_ids, alpha_l, f"IRM and GRM of M{t}"))
-    if len(start) != len(pairs):
-        fail(f"{it / 'start.jsonl'} holds scores of other pairs than {it / 'samples.jsonl'}: delete it to recompute")
+    start = scores_before_training(args, tokenizer, pairs, t, out, identifier_ids, alpha_l)
     for pair, g, s in zip(pairs, global_ref, start):
         pair.update(global_logp_1=g["logp_1"], global_logp_2=g["logp_2"], local_logp_1=s["logp_1"],
                     local_logp_2=s["logp_2"])
@@ -828,7 +835,7 @@ def run_baseline_training(args, tokenizer, samples, t, out, identifier_ids):
         prompt_ids = encode(tokenizer, row["prompt"])
         sequences += [(prompt_ids, s["token_ids"][: args.max_length - len(prompt_ids)]) for s in row["samples"]]
     local = score_logps(it / "logps_local.jsonl", out / f"M{t}", sequences, tokenizer, args)
-    unusable = 0
+    unusable = None  # judgements without a score (srlm)
     if args.method == "irm":
         global_ = score_logps(it / "logps_global.jsonl", args.global_reference or args.model, sequences, tokenizer, args)
         rewards = [a - b for a, b in zip(local, global_)]
@@ -852,8 +859,7 @@ def run_baseline_training(args, tokenizer, samples, t, out, identifier_ids):
         fail(f"iteration {t + 1}: no prompt has two responses with different rewards"
              + (f" ({unusable} judgements gave no score)" if unusable else ""))
     global_ref = global_reference_logps(args, tokenizer, pairs, it / "logps_global_pairs.jsonl")
-    start = cached_jsonl(it / "start.jsonl", lambda: score_pairs(
-        out / f"M{t}", tokenizer, pairs, args, identifier_ids, 0.0, f"IRM and GRM of M{t}"))
+    start = scores_before_training(args, tokenizer, pairs, t, out, identifier_ids, 0.0)
     batches = [b for epoch in range(args.epochs) for b in micro_batches(pairs, args.batch_size, args.seed + t + epoch)]
     model = load_model(out / f"M{t}", args)
     torch.manual_seed(args.seed + 1000 * t + 1)
@@ -1061,6 +1067,14 @@ def parse_args(argv=None):
         fail(f"--method must be scir, srlm or irm, got {args.method!r}")
     if args.no_consistency_loss and args.no_dcpo:
         fail("--no_consistency_loss with --no_dcpo leaves Eq. 7 empty: nothing would be trained")
+    ablations = [f"--{name}" for name in ("no_consistency_loss", "no_dcpo", "single_judge_prompt", "no_adaptive_reference",
+                                          "judge_sft_only") if getattr(args, name)]
+    if args.method != "scir" and ablations:  # the baselines' SFT has no pairwise judge examples (README)
+        fail(f"{ablations[0]} belongs to --method scir; for an instruction-tuned model the baselines take --sft_epochs 0"
+             if ablations[0] == "--judge_sft_only" else f"{ablations[0]} is an ablation of SCIR, not of --method {args.method}")
+    if args.sft_epochs == 0 and (args.global_reference or args.model) == args.model:
+        fail("--sft_epochs 0 makes M0 the global reference itself, so P = 0.5 for every pair: pass --global_reference "
+             "(the base model of Eq. 4)")
     if not 0.5 <= args.tau < 1:
         fail(f"--tau must be in [0.5, 1), got {args.tau}")
     if args.dtype not in ("auto", "bfloat16", "float32"):
@@ -1087,7 +1101,8 @@ def check_same_settings(out, args):
         if changed:
             fail(f"{out} holds a run made with other settings: {', '.join(changed)}; "
                  f"rerun with those or use a new --output_dir")
-    path.write_text(json.dumps(asdict(args), indent=1))
+    Path(f"{path}.tmp").write_text(json.dumps(asdict(args), indent=1))
+    os.replace(f"{path}.tmp", path)
 
 
 METHOD_NAMES = {"scir": "Self-Consistent Internal Rewards", "srlm": "Self-Rewarding (LLM-as-a-Judge)",
