@@ -90,9 +90,7 @@ def fail(message):
     sys.exit(f"cream.py: error: {message}")
 
 
-# --------------------------------------------------------------------------------------------------------
-# Files: JSONL in and out, written to a temporary name and renamed, so a crash never leaves half a file
-# --------------------------------------------------------------------------------------------------------
+# --- Files: JSONL in and out, written to a temporary name and renamed, so a crash never leaves half a file ---
 def read_jsonl(path, required):
     rows = []
     with open(path, "rb") as f:
@@ -133,9 +131,7 @@ def cached_jsonl(path, compute):
     return rows
 
 
-# --------------------------------------------------------------------------------------------------------
-# Data: D_S (seed SFT) and D_U (unlabeled prompts), section 4.1
-# --------------------------------------------------------------------------------------------------------
+# --- Data: D_S (seed SFT) and D_U (unlabeled prompts), section 4.1 ---
 # Table 1's five tasks: Hub id, config, revision, and the split scored (SIQA has no labelled test split)
 TASKS = {"arc_easy": ("allenai/ai2_arc", "ARC-Easy", None, "test"),
          "arc_challenge": ("allenai/ai2_arc", "ARC-Challenge", None, "test"),
@@ -201,9 +197,7 @@ def load_data(args):
     return read_jsonl(data_dir / "sft.jsonl", ["prompt", "response"]), read_jsonl(data_dir / "prompts.jsonl", ["prompt"]), tests
 
 
-# --------------------------------------------------------------------------------------------------------
-# Models: one resident at a time (memory plan: reference log-probs are precomputed, never a second model)
-# --------------------------------------------------------------------------------------------------------
+# --- Models: one resident at a time (memory plan: reference log-probs are precomputed, never a second model) ---
 def torch_dtype(args):
     if args.dtype == "auto":
         return torch.bfloat16 if torch.cuda.is_available() else torch.float32
@@ -290,9 +284,7 @@ def sequence_logps(model, input_ids, attention_mask, response_mask):
     return torch.zeros(input_ids.shape[0], device=logits.device).index_add(0, rows, token_logps)
 
 
-# --------------------------------------------------------------------------------------------------------
-# Optimizer: AdamW in float32, written back to bfloat16 with stochastic rounding (memory.md, anchors #4)
-# --------------------------------------------------------------------------------------------------------
+# --- Optimizer: AdamW in float32, written back to bfloat16 with stochastic rounding (memory.md, anchors #4) ---
 def stochastic_round_to_bf16(x):
     """float32 [...] -> bfloat16 [...], rounded up with probability equal to the distance, so E[result] = x."""
     bits = x.view(torch.int32) + torch.randint_like(x, 0, 1 << 16, dtype=torch.int32)  # noise below bf16's last bit
@@ -367,9 +359,7 @@ def micro_batches(items, batch_size, seed):
     return [items[i: i + batch_size] for i in range(0, len(items), batch_size)]
 
 
-# --------------------------------------------------------------------------------------------------------
-# Algorithm 1 line 2: SFT of M0 on D_S gives M1
-# --------------------------------------------------------------------------------------------------------
+# --- Algorithm 1 line 2: SFT of M0 on D_S gives M1 ---
 def sft_loss(model, batch):
     """Mean negative log-likelihood of the response tokens; prompt and padding are labelled -100."""
     device = model.device
@@ -397,9 +387,7 @@ def run_sft(args, tokenizer, sft_rows, out):
     del model
 
 
-# --------------------------------------------------------------------------------------------------------
-# Algorithm 1 line 5: sample N responses per prompt from M_t
-# --------------------------------------------------------------------------------------------------------
+# --- Algorithm 1 line 5: sample N responses per prompt from M_t ---
 def cache_config(model, num_requests, longest):
     """generate_batch sizes its paged KV cache from free GPU memory; on CPU (~15 GB) size it to the work instead."""
     if model.device.type != "cpu":
@@ -445,9 +433,7 @@ def run_sampling(args, tokenizer, pool, t, out):
     return [{"id": row["id"], "prompt": row["prompt"], "samples": samples} for row, samples in zip(pool, grouped)]
 
 
-# --------------------------------------------------------------------------------------------------------
-# Algorithm 1 lines 6-9: log pi(y|x) of every sample under pi_t, pi_{t-1} and pi_0, one model at a time
-# --------------------------------------------------------------------------------------------------------
+# --- Algorithm 1 lines 6-9: log pi(y|x) of every sample under pi_t, pi_{t-1} and pi_0, one model at a time ---
 def sample_sequences(tokenizer, samples_rows, max_length):
     """Every (prompt_ids, response_ids) of an iteration, in order: the sampled ids, cut to fit max_length."""
     sequences = []
@@ -474,9 +460,7 @@ def score_logps(model_path, sequences, tokenizer, args, desc):
     return logps
 
 
-# --------------------------------------------------------------------------------------------------------
-# Eq. 3.10 and line 11: ranking consistency between pi_t and pi_{t-1}; TopOrder and Spearman (Table 2)
-# --------------------------------------------------------------------------------------------------------
+# --- Eq. 3.10 and line 11: ranking consistency between pi_t and pi_{t-1}; TopOrder and Spearman (Table 2) ---
 def kendall_tau(x, y):
     """Kendall tau-a of two score vectors [N], [N] -> float (Eq. 3.10); a pair tied in either counts zero."""
     x, y = torch.as_tensor(x, dtype=torch.float64), torch.as_tensor(y, dtype=torch.float64)
@@ -531,9 +515,7 @@ def rewards_and_consistency(samples_rows, logps_t, logps_prev, logps_0, t):
     return rows
 
 
-# --------------------------------------------------------------------------------------------------------
-# Eq. 3.11-3.12, lines 12-13: best = argmax r, worst = argmin r (the text's "argmin" for the best is a typo)
-# --------------------------------------------------------------------------------------------------------
+# --- Eq. 3.11-3.12, lines 12-13: best = argmax r, worst = argmin r (the text's "argmin" for the best is a typo) ---
 def build_pairs(samples_rows, reward_rows, consistency, scope):
     """One (chosen, rejected) pair per prompt, matched by prompt id; prompts whose rewards all tie are skipped."""
     rewards_by_id = {row["id"]: row for row in reward_rows}
@@ -556,9 +538,7 @@ def build_pairs(samples_rows, reward_rows, consistency, scope):
     return pairs
 
 
-# --------------------------------------------------------------------------------------------------------
-# Baseline P-SRLM (Table 6): prompt rewarding, M_t scores each response with the Self-Rewarding judge prompt
-# --------------------------------------------------------------------------------------------------------
+# --- Baseline P-SRLM (Table 6): prompt rewarding, M_t scores each response with the Self-Rewarding judge prompt ---
 SCORE = re.compile(r"(?i:score)\**(?:\s*[:：=]|\s+of|\s+is)?[\s*\[<]*"
                    r"(\d+(?:\.\d+)?(?:\s*\+\s*\d+(?:\.\d+)?)*(?:\s*=\s*\d+(?:\.\d+)?)?)"  # N, or a tally 1 + 1 = 2
                    r"[\]>*]*(?:\s*(?:/|out of)\s*(\d+))?")                              # an optional denominator
@@ -590,9 +570,7 @@ def judge_samples(model_path, tokenizer, samples_rows, args):
     return rows
 
 
-# --------------------------------------------------------------------------------------------------------
-# Eq. 3.7, line 14: C * L_DPO(D_DPO) + (1 - C) * L_DPO(D_RDPO), reference pi_t
-# --------------------------------------------------------------------------------------------------------
+# --- Eq. 3.7, line 14: C * L_DPO(D_DPO) + (1 - C) * L_DPO(D_RDPO), reference pi_t ---
 def soft_dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta, consistency):
     """Per-pair consistency-regularized DPO loss, [B] x4 -> [B] (Eq. 3.7); consistency is a float or [B].
 
@@ -633,9 +611,7 @@ def run_preference_training(args, tokenizer, pairs, t, out):
     del model
 
 
-# --------------------------------------------------------------------------------------------------------
-# Evaluation (Table 1): greedy, zero-shot, exact match on the five tasks' test sets
-# --------------------------------------------------------------------------------------------------------
+# --- Evaluation (Table 1): greedy, zero-shot, exact match on the five tasks' test sets ---
 # Only test questions get this line; the prompt pool D_U keeps the bare questions, as the paper builds it
 EVAL_SUFFIX = {"choice": "\n\nEnd your reply with 'Answer: X', where X is the letter of the correct option.",
                "number": "\n\nSolve it step by step and end your reply with 'Answer: N', where N is the final number."}
@@ -690,9 +666,7 @@ def run_evaluation(model_path, tokenizer, tests, args):
     return rows
 
 
-# --------------------------------------------------------------------------------------------------------
-# Demo: a tiny random Llama and a byte-level BPE tokenizer built here, so the whole loop runs offline
-# --------------------------------------------------------------------------------------------------------
+# --- Demo: a tiny random Llama and a byte-level BPE tokenizer built here, so the whole loop runs offline ---
 DEMO_DATA = [
     ("Name a primary color.", "Red is a primary color."),
     ("What is 2 + 3?", "2 + 3 = 5."),
@@ -739,9 +713,7 @@ def build_demo(out):
     return str(model_dir), str(data_dir)
 
 
-# --------------------------------------------------------------------------------------------------------
-# The loop: M0 -SFT-> M1 -CREAM-> M2 -CREAM-> M3 ...
-# --------------------------------------------------------------------------------------------------------
+# --- The loop: M0 -SFT-> M1 -CREAM-> M2 -CREAM-> M3 ... ---
 def parse_args(argv=None):
     parser = HfArgumentParser(Args)
     parser.allow_abbrev = False  # --num_sample is a typo, not --num_samples
@@ -816,8 +788,8 @@ def final_table(args, metrics, evaluation):
     previous iteration, from M2 on) and Table 2's rewarding consistency of M_k against M_{k-1} -> markdown text."""
     tasks = list(dict.fromkeys(row["task"] for row in evaluation))
     accuracy = {(row["model"], row["task"]): row["accuracy"] for row in evaluation}
-    header = ["Method", "Reward", "Iteration", *(TASK_NAMES.get(task, task) for task in tasks), "Consistency C", "Kendall tau", "Spearman", "TopOrder", "Pairs",
-              "Length"]
+    header = ["Method", "Reward", "Iteration", *(TASK_NAMES.get(task, task) for task in tasks), "Consistency C",
+              "Kendall tau", "Spearman", "TopOrder", "Pairs", "Length"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for k in range(args.iterations + 2):
         row = next((m for m in metrics if m["iteration"] == k), None)  # M_k rewards its samples in iteration k

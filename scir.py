@@ -108,9 +108,7 @@ def fail(message):
     sys.exit(f"scir.py: error: {message}")
 
 
-# --------------------------------------------------------------------------------------------------------
-# Files: JSONL in and out, written to a temporary name and renamed, so a crash never leaves half a file
-# --------------------------------------------------------------------------------------------------------
+# --- Files: JSONL in and out, written to a temporary name and renamed, so a crash never leaves half a file ---
 def read_jsonl(path, required):
     rows = []
     with open(path, "rb") as f:
@@ -151,9 +149,7 @@ def cached_jsonl(path, compute):
     return rows
 
 
-# --------------------------------------------------------------------------------------------------------
-# Data (Appendix C.1): Alpaca + LIMA + pairwise judge examples from oasst2; Alpaca prompts not used in SFT
-# --------------------------------------------------------------------------------------------------------
+# --- Data (Appendix C.1): Alpaca + LIMA + pairwise judge examples from oasst2; Alpaca prompts not used in SFT ---
 def load_hub_data(args):
     from datasets import load_dataset
 
@@ -206,9 +202,7 @@ def judge_sft_examples(judge_rows, count, seed):
     return examples
 
 
-# --------------------------------------------------------------------------------------------------------
-# Models: one resident at a time (reference log-probs are precomputed, never a second model)
-# --------------------------------------------------------------------------------------------------------
+# --- Models: one resident at a time (reference log-probs are precomputed, never a second model) ---
 def torch_dtype(args):
     if args.dtype == "auto":
         return torch.bfloat16 if torch.cuda.is_available() else torch.float32
@@ -312,9 +306,7 @@ def score_logps(path, model_path, sequences, tokenizer, args):
     return [row["logp"] for row in rows]
 
 
-# --------------------------------------------------------------------------------------------------------
-# Optimizer: AdamW in float32, written back to bfloat16 with stochastic rounding (memory.md)
-# --------------------------------------------------------------------------------------------------------
+# --- Optimizer: AdamW in float32, written back to bfloat16 with stochastic rounding (memory.md) ---
 def stochastic_round_to_bf16(x):
     """float32 [...] -> bfloat16 [...], rounded up with probability equal to the distance, so E[result] = x."""
     bits = x.view(torch.int32) + torch.randint_like(x, 0, 1 << 16, dtype=torch.int32)  # noise below bf16's last bit
@@ -389,9 +381,7 @@ def micro_batches(items, batch_size, seed):
     return [items[i: i + batch_size] for i in range(0, len(items), batch_size)]
 
 
-# --------------------------------------------------------------------------------------------------------
-# Section 4.1: SFT of the base model on instructions + pairwise judge examples gives M0
-# --------------------------------------------------------------------------------------------------------
+# --- Section 4.1: SFT of the base model on instructions + pairwise judge examples gives M0 ---
 def sft_loss(model, batch):
     """Mean negative log-likelihood of the response tokens; prompt and padding are labelled -100."""
     input_ids, attention_mask, labels = (t.to(model.device) for t in batch)
@@ -420,9 +410,7 @@ def run_sft(args, tokenizer, sft_rows, judge_rows, out):
     del model
 
 
-# --------------------------------------------------------------------------------------------------------
-# Section 4.1: M_t samples 4 responses per prompt; two picked at random form an unlabeled pair
-# --------------------------------------------------------------------------------------------------------
+# --- Section 4.1: M_t samples 4 responses per prompt; two picked at random form an unlabeled pair ---
 def cache_config(model, num_requests, longest):
     """generate_batch sizes its paged KV cache from free GPU memory; on CPU (~15 GB) size it to the work instead."""
     if model.device.type != "cpu":
@@ -474,17 +462,13 @@ def run_sampling(args, tokenizer, pool, t, out):
     return rows
 
 
-# --------------------------------------------------------------------------------------------------------
-# Eq. 4: the implicit reward model (IRM), P(y1 > y2) under the global reference
-# --------------------------------------------------------------------------------------------------------
+# --- Eq. 4: the implicit reward model (IRM), P(y1 > y2) under the global reference ---
 def implicit_preference(policy_logps_1, policy_logps_2, ref_logps_1, ref_logps_2, beta):
     """P_irm(y1 > y2 | x) = sigmoid(beta log pi/pi_ref (y1) - beta log pi/pi_ref (y2)): [B] x4 -> [B] (Eq. 4)."""
     return torch.sigmoid(beta * ((policy_logps_1 - ref_logps_1) - (policy_logps_2 - ref_logps_2)))
 
 
-# --------------------------------------------------------------------------------------------------------
-# Eq. 5 and section 3.3: the generative reward model (GRM), the judge's probability of y1's identifier
-# --------------------------------------------------------------------------------------------------------
+# --- Eq. 5 and section 3.3: the generative reward model (GRM), the judge's probability of y1's identifier ---
 def judge_probability(logit_first, logit_second, len_first, len_second, alpha_l):
     """P(the response shown first wins): the two identifiers' logits renormalised, each minus alpha_l |y| (3.3).
 
@@ -556,9 +540,7 @@ def generative_preference(model, tokenizer, instructions, responses_1, responses
     return p_y1 if per_prompt else p_y1.mean(-1)
 
 
-# --------------------------------------------------------------------------------------------------------
-# Eq. 6: consistency loss between P (IRM) and Q (GRM): symmetric KL to a stopped target, entropy, confidence mask
-# --------------------------------------------------------------------------------------------------------
+# --- Eq. 6: consistency loss between P (IRM) and Q (GRM): KL to a stopped target, entropy, confidence mask ---
 def bernoulli_kl(q, p):
     """KL(Bern(q) || Bern(p)) elementwise, [B] x2 -> [B]."""
     return q * (q.log() - p.log()) + (1 - q) * ((1 - q).log() - (1 - p).log())
@@ -582,9 +564,7 @@ def consistency_loss(p_irm, p_grm, tau):
             + q_confident * (bernoulli_kl(p, q.detach()) + bernoulli_entropy(p)))
 
 
-# --------------------------------------------------------------------------------------------------------
-# Eq. 3 and Appendix A: DPO with the adaptive reference (the larger of the local and global reference ratios)
-# --------------------------------------------------------------------------------------------------------
+# --- Eq. 3 and Appendix A: DPO with the adaptive reference (the larger local or global reference ratio) ---
 def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta):
     """-log sigmoid(beta log pi/pi_ref (y_w) - beta log pi/pi_ref (y_l)): [B] x4 -> [B] (Eq. 3)."""
     return -F.logsigmoid(beta * ((policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)))
@@ -595,9 +575,7 @@ def adaptive_reference_logratio(local_ref_chosen, local_ref_rejected, global_ref
     return torch.maximum(local_ref_chosen - local_ref_rejected, global_ref_chosen - global_ref_rejected)
 
 
-# --------------------------------------------------------------------------------------------------------
-# Eq. 7: DCPO on the pairs IRM and GRM agree on, plus alpha times the consistency loss
-# --------------------------------------------------------------------------------------------------------
+# --- Eq. 7: DCPO on the pairs IRM and GRM agree on, plus alpha times the consistency loss ---
 def scir_loss(policy_logps_1, policy_logps_2, global_ref_logps_1, global_ref_logps_2, local_ref_logps_1,
               local_ref_logps_2, p_grm, beta, alpha, tau, dcpo=True, adaptive_reference=True):
     """Eq. 7 per pair: 1[IRM and GRM agree] L_DPO + alpha L_consistency. [B] x7 -> dict of [B] tensors.
@@ -607,16 +585,14 @@ def scir_loss(policy_logps_1, policy_logps_2, global_ref_logps_1, global_ref_log
     """
     p_irm = implicit_preference(policy_logps_1, policy_logps_2, global_ref_logps_1, global_ref_logps_2, beta)
     consistency = consistency_loss(p_irm, p_grm, tau)
-    y1_wins = p_irm.detach() > 0.5
-    agree = ((y1_wins & (p_grm.detach() > 0.5)) | ((p_irm.detach() < 0.5) & (p_grm.detach() < 0.5))).float()  # a tie agrees with nothing
-    pick = lambda a, b: torch.where(y1_wins, a, b)  # (chosen, rejected) = (y1, y2) if y1 wins, else (y2, y1)
-    local_logratio = pick(local_ref_logps_1, local_ref_logps_2) - pick(local_ref_logps_2, local_ref_logps_1)
-    ref_logratio = adaptive_reference_logratio(pick(local_ref_logps_1, local_ref_logps_2),
-                                               pick(local_ref_logps_2, local_ref_logps_1),
-                                               pick(global_ref_logps_1, global_ref_logps_2),
-                                               pick(global_ref_logps_2, global_ref_logps_1)) if adaptive_reference \
-        else local_logratio
-    dpo = dpo_loss(pick(policy_logps_1, policy_logps_2), pick(policy_logps_2, policy_logps_1),
+    p, q = p_irm.detach(), p_grm.detach()
+    agree = (((p > 0.5) & (q > 0.5)) | ((p < 0.5) & (q < 0.5))).float()  # a tie (0.5) agrees with nothing
+    chosen = lambda logps_1, logps_2: torch.where(p > 0.5, logps_1, logps_2)  # y1 if the IRM prefers it, else y2
+    rejected = lambda logps_1, logps_2: torch.where(p > 0.5, logps_2, logps_1)
+    local = (chosen(local_ref_logps_1, local_ref_logps_2), rejected(local_ref_logps_1, local_ref_logps_2))
+    global_ = (chosen(global_ref_logps_1, global_ref_logps_2), rejected(global_ref_logps_1, global_ref_logps_2))
+    ref_logratio = adaptive_reference_logratio(*local, *global_) if adaptive_reference else local[0] - local[1]
+    dpo = dpo_loss(chosen(policy_logps_1, policy_logps_2), rejected(policy_logps_1, policy_logps_2),
                    ref_logratio, torch.zeros_like(ref_logratio), beta)
     return {"loss": (agree * dpo if dcpo else 0) + alpha * consistency, "dpo_loss": dpo, "consistency_loss": consistency,
             "agree": agree, "p_irm": p_irm, "p_grm": p_grm}
@@ -634,11 +610,11 @@ def pair_forward(model, tokenizer, batch, args, identifier_ids, alpha_l, per_pro
     input_ids, attention_mask, labels = (t.to(model.device) for t in collate(sequences, tokenizer.pad_token_id))
     logps = sequence_logps(model, input_ids, attention_mask, labels != -100).view(-1, 2)
     with torch.set_grad_enabled(torch.is_grad_enabled() and not args.no_consistency_loss):  # Q then only masks DPO
-        p_grm = generative_preference(model, tokenizer, [p["prompt"] for p in batch],
-                                      [p["response_1"]["response"] for p in batch], [p["response_2"]["response"] for p in batch],
-                                      identifier_ids, alpha_l, args.max_length,
-                                      [len(p["response_1"]["token_ids"]) for p in batch],
-                                      [len(p["response_2"]["token_ids"]) for p in batch],
+        texts = lambda key: [p[key]["response"] for p in batch]
+        lengths = lambda key: [len(p[key]["token_ids"]) for p in batch]  # |y| as sampled, for the length penalty
+        p_grm = generative_preference(model, tokenizer, [p["prompt"] for p in batch], texts("response_1"),
+                                      texts("response_2"), identifier_ids, alpha_l, args.max_length,
+                                      lengths("response_1"), lengths("response_2"),
                                       num_prompts=1 if args.single_judge_prompt else 4, per_prompt=per_prompt)
     return logps[:, 0], logps[:, 1], p_grm
 
@@ -657,9 +633,7 @@ def scir_batch_loss(args, tokenizer, identifier_ids, alpha_l):
     return loss_fn
 
 
-# --------------------------------------------------------------------------------------------------------
-# Scoring pairs without gradients: the reference log-probs, P and Q of a model before or after an iteration
-# --------------------------------------------------------------------------------------------------------
+# --- Scoring pairs without gradients: reference log-probs, P and Q of a model before or after an iteration ---
 def judge_length_reg(args, t):
     """alpha_l of M_t's judge: length regularisation is on from iteration --length_reg_from, where M_{from-1} judges."""
     return args.length_reg if t + 1 >= args.length_reg_from else 0.0
@@ -704,9 +678,7 @@ def irm_preferences(scored, global_ref, beta):
                                column(global_ref, "logp_2"), beta).tolist()
 
 
-# --------------------------------------------------------------------------------------------------------
-# Analysis (Table 1, Figure 2, section 4.3): how often the IRM and the GRM of a model pick the same response
-# --------------------------------------------------------------------------------------------------------
+# --- Analysis (Table 1, Figure 2, 4.3): how often the IRM and the GRM of a model pick the same response ---
 def agree(p, q):
     """IRM and GRM pick the same response; a probability of exactly 0.5 picks none, so it agrees with nothing."""
     return (p > 0.5 and q > 0.5) or (p < 0.5 and q < 0.5)
@@ -734,9 +706,7 @@ def consistency_figures(start, trained, global_ref, beta):
     return figures
 
 
-# --------------------------------------------------------------------------------------------------------
-# One iteration (section 4.1): precompute the references, train M_t -> M_{t+1} with Eq. 7, measure again
-# --------------------------------------------------------------------------------------------------------
+# --- One iteration (section 4.1): precompute the references, train M_t -> M_{t+1} with Eq. 7, measure again ---
 def run_scir_training(args, tokenizer, samples, t, out, identifier_ids):
     """Precompute pi_ref^g and pi_ref^l = M_t log-probs (and P, Q of M_t), train M_t -> M_{t+1}, measure P, Q again."""
     it = out / f"iter{t + 1}"
@@ -770,9 +740,7 @@ def run_scir_training(args, tokenizer, samples, t, out, identifier_ids):
     del model
 
 
-# --------------------------------------------------------------------------------------------------------
-# Baselines (Table 2): rank the 4 responses once, before training, then DPO on best vs worst
-# --------------------------------------------------------------------------------------------------------
+# --- Baselines (Table 2): rank the 4 responses once, before training, then DPO on best vs worst ---
 SCORE = re.compile(r"(?i:score)\**(?:\s*[:：=]|\s+of|\s+is)?[\s*\[<]*"
                    r"(\d+(?:\.\d+)?(?:\s*\+\s*\d+(?:\.\d+)?)*(?:\s*=\s*\d+(?:\.\d+)?)?)"  # N, or a tally 1 + 1 = 2
                    r"[\]>*]*(?:\s*(?:/|out of)\s*(\d+))?")                              # an optional denominator
@@ -875,9 +843,7 @@ def run_baseline_training(args, tokenizer, samples, t, out, identifier_ids):
     del model
 
 
-# --------------------------------------------------------------------------------------------------------
-# Analysis (Figure 3, section 4.4): IRM, GRM and the pairs they agree on, scored on RewardBench
-# --------------------------------------------------------------------------------------------------------
+# --- Analysis (Figure 3, section 4.4): IRM, GRM and the pairs they agree on, scored on RewardBench ---
 REWARD_BENCH_SECTIONS = {
     "Chat": ["alpacaeval-easy", "alpacaeval-length", "alpacaeval-hard", "mt-bench-easy", "mt-bench-med"],
     "Chat Hard": ["mt-bench-hard", "llmbar-natural", "llmbar-adver-neighbor", "llmbar-adver-GPTInst",
@@ -987,9 +953,7 @@ def evaluate_reward_bench(args, tokenizer, pairs, out, identifier_ids):
     return results
 
 
-# --------------------------------------------------------------------------------------------------------
-# Demo: a tiny random Llama and a byte-level BPE tokenizer built here, so the whole loop runs offline
-# --------------------------------------------------------------------------------------------------------
+# --- Demo: a tiny random Llama and a byte-level BPE tokenizer built here, so the whole loop runs offline ---
 DEMO_DATA = [
     ("Name a primary color.", "Red is a primary color.", "Cats like milk."),
     ("What is 2 + 3?", "2 + 3 = 5.", "2 + 3 = 7."),
@@ -1040,9 +1004,7 @@ def build_demo(out):
     return str(model_dir), str(data_dir)
 
 
-# --------------------------------------------------------------------------------------------------------
-# The loop: base -SFT-> M0 -SCIR-> M1 -SCIR-> M2 -SCIR-> M3
-# --------------------------------------------------------------------------------------------------------
+# --- The loop: base -SFT-> M0 -SCIR-> M1 -SCIR-> M2 -SCIR-> M3 ---
 def parse_args(argv=None):
     parser = HfArgumentParser(Args)
     parser.allow_abbrev = False  # --num_sample is a typo, not --num_samples

@@ -21,9 +21,7 @@ from transformers import AutoModelForCausalLM
 import cream
 import prompts
 
-# --------------------------------------------------------------------------------------------------------
-# Independent reference implementations (plain Python)
-# --------------------------------------------------------------------------------------------------------
+# --- Independent reference implementations (plain Python) ---
 
 
 def sign(v):
@@ -104,9 +102,7 @@ def error_line(result):
     return lines[0]
 
 
-# --------------------------------------------------------------------------------------------------------
-# 1-3: Kendall tau (Eq. 3.10), Spearman, TopOrder, consistency rate (Algorithm 1 line 11)
-# --------------------------------------------------------------------------------------------------------
+# --- 1-3: Kendall tau (Eq. 3.10), Spearman, TopOrder, consistency rate (Algorithm 1 line 11) ---
 
 
 @pytest.mark.parametrize("x, y, expected", [
@@ -191,9 +187,7 @@ def test_consistency_rate_hand_worked():
     assert cream.consistency_rate([-1.0, -1.0]) == pytest.approx(0.0)
 
 
-# --------------------------------------------------------------------------------------------------------
-# 4-6: Theorem 3.3, Lemma 3.4, soft DPO loss
-# --------------------------------------------------------------------------------------------------------
+# --- 4-6: Theorem 3.3, Lemma 3.4, soft DPO loss ---
 
 
 @pytest.mark.parametrize("lam", [0.0, 0.1, 0.5, 1.0, 4.0])
@@ -283,9 +277,7 @@ def test_soft_dpo_reduces_to_dpo_and_reversed_dpo():
         assert single.item() == pytest.approx(expected[i].item(), rel=1e-10)
 
 
-# --------------------------------------------------------------------------------------------------------
-# 7-8: sequence log-probs, collate labels (anchors defect 2), SFT loss
-# --------------------------------------------------------------------------------------------------------
+# --- 7-8: sequence log-probs, collate labels (anchors defect 2), SFT loss ---
 
 SEQUENCES = [  # (prompt_ids, response_ids) with ids below the tiny vocabulary; 1 is </s>
     ([0, 5, 9, 12], [40, 41, 1]),
@@ -371,9 +363,7 @@ def test_sft_loss_is_mean_nll_of_response_tokens(tiny_model):
     assert hf == pytest.approx(expected, rel=1e-5)  # transformers' own shifted cross-entropy agrees
 
 
-# --------------------------------------------------------------------------------------------------------
-# 9-10: pairs (anchors defect 5) and rewards (Algorithm 1 lines 6-10)
-# --------------------------------------------------------------------------------------------------------
+# --- 9-10: pairs (anchors defect 5) and rewards (Algorithm 1 lines 6-10) ---
 
 
 def sample_row(pid, responses):
@@ -436,9 +426,7 @@ def test_rewards_and_consistency_hand_numbers():
     assert second[0]["spearman"] == pytest.approx(0.5, abs=1e-6)  # ranks [3,1,2] vs [3,2,1]: 1 - 6*2/24
 
 
-# --------------------------------------------------------------------------------------------------------
-# 11-12: stochastic rounding and AdamW (anchors defect 4, memory.md), learning-rate schedule
-# --------------------------------------------------------------------------------------------------------
+# --- 11-12: stochastic rounding and AdamW (anchors defect 4, memory.md), learning-rate schedule ---
 
 
 @pytest.mark.parametrize("sign_", [1.0, -1.0])
@@ -534,9 +522,7 @@ def test_learning_rate_warmup_then_cosine_hand_values():
     assert lr(5, 11, 2.0, 0.0) == pytest.approx(1.3090169943749475)  # 1 + cos(0.4 pi)
 
 
-# --------------------------------------------------------------------------------------------------------
-# 15 (direct): a non-finite loss stops training with the one-line error
-# --------------------------------------------------------------------------------------------------------
+# --- 15 (direct): a non-finite loss stops training with the one-line error ---
 
 
 def test_train_stops_on_nan_loss_with_one_line_error(tiny_model):
@@ -556,9 +542,7 @@ def test_train_stops_on_nan_loss_with_one_line_error(tiny_model):
     assert calls == ["ok", "bad"]  # stopped at once
 
 
-# --------------------------------------------------------------------------------------------------------
-# 13: end to end through the CLI, resume, and --demo
-# --------------------------------------------------------------------------------------------------------
+# --- 13: end to end through the CLI, resume, and --demo ---
 
 E2E_FLAGS = ["--iterations", 2, "--num_prompts", 4, "--num_samples", 3, "--max_new_tokens", 8, "--max_length", 96,
              "--sft_epochs", 1, "--batch_size", 2, "--grad_accum", 1, "--dtype", "float32",
@@ -745,9 +729,7 @@ def test_demo_runs(tmp_path, run_script):
     assert all((tmp_path / "demo" / name / "config.json").is_file() for name in ("M1", "M2", "M3"))
 
 
-# --------------------------------------------------------------------------------------------------------
-# 14: bad input through the CLI: exit != 0, one stderr line "cream.py: error: ..." naming the culprit
-# --------------------------------------------------------------------------------------------------------
+# --- 14: bad input through the CLI: exit != 0, one stderr line "cream.py: error: ..." naming the culprit ---
 
 
 def copy_data(data_dir, tmp_path):
@@ -839,9 +821,7 @@ def test_tokenizer_without_pad_token_is_fine(tiny_tokenizer):
     assert loaded.pad_token_id == loaded.eos_token_id == tiny_tokenizer.eos_token_id
 
 
-# --------------------------------------------------------------------------------------------------------
-# Bad input found while writing these tests: each once ended in a traceback
-# --------------------------------------------------------------------------------------------------------
+# --- Bad input found while writing these tests: each once ended in a traceback ---
 
 
 def expect_one_line_exit(call, *culprits):
