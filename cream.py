@@ -626,8 +626,8 @@ def extract_answer(reply, kind):
     """The answer a reply gives: a letter A-E or a number without commas; None if it gives none.
 
     Letters are read from 'Answer: X' / 'answer is (X)' / '**Answer:** X', then '(X)', then a reply that is only 'X'
-    or 'X.', and only in upper case: the English word 'a' is never an answer (anchors #6). Numbers from '#### N', then 'Answer: N', then
-    the last number in the reply.
+    or 'X.', and only in upper case: the English word 'a' is never an answer (anchors #6). Numbers from '#### N', then
+    'Answer: N' / '**Answer:** N' / 'Answer = N' / 'Answer - N', then the last number in the reply.
     """
     if kind == "choice":
         stated = re.findall(r"(?i:answer)(?:\s*(?i:is))?[\s:*-]*(?:(?i:option)\s*)?\(?\**([A-E])\b(?![.]?[a-z])"
@@ -637,7 +637,9 @@ def extract_answer(reply, kind):
             return first if not alternative or alternative == first else None
         patterns = [r"\(([A-E])\)", r"^\s*\**([A-E])\**[.)]?\s*$"]
     else:
-        patterns = [rf"####\s*\$?({NUMBER})", rf"(?i:answer)\s*(?:(?i:is)\s*)?:?\s*\$?({NUMBER})", rf"({NUMBER})"]
+        patterns = [rf"####\s*\$?({NUMBER})",
+                    rf"(?i:answer)(?:\s*(?i:is))?[\s:*=]*(?:-\s+)?\$?\**({NUMBER})",  # '- 18' a dash, '-18' a sign
+                    rf"({NUMBER})"]
     for pattern in patterns:
         found = re.findall(pattern, reply)
         if found:
@@ -789,7 +791,7 @@ def final_table(args, metrics, evaluation):
     tasks = list(dict.fromkeys(row["task"] for row in evaluation))
     accuracy = {(row["model"], row["task"]): row["accuracy"] for row in evaluation}
     header = ["Method", "Reward", "Iteration", *(TASK_NAMES.get(task, task) for task in tasks), "Consistency C",
-              "Kendall tau", "Spearman", "TopOrder", "Pairs", "Length"]
+              "C used", "Kendall tau", "Spearman", "TopOrder", "Pairs", "Length"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for k in range(args.iterations + 2):
         row = next((m for m in metrics if m["iteration"] == k), None)  # M_k rewards its samples in iteration k
@@ -800,9 +802,10 @@ def final_table(args, metrics, evaluation):
             arrow = "" if k < 2 else " ↑" if now > before else " ↓" if now < before else " ="
             cells.append(f"{100 * now:.2f}{arrow}")
         if row is None:
-            cells += ["-"] * 6
+            cells += ["-"] * 7
         else:
             cells.append(f"{(row['kendall'] + 1) / 2:.2f} ± {row['kendall_std'] / 2:.2f}")  # C = mean (tau + 1) / 2
+            cells.append(f"{row['consistency']:.2f}")  # by --consistency_measure; 1 for the baselines
             cells += [f"{row[key]:.2f} ± {row[key + '_std']:.2f}" for key in ("kendall", "spearman", "top_order")]
             cells += [str(row["pairs"]), f"{row['response_length']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")

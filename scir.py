@@ -49,6 +49,8 @@ class Args:
         "SFT on the judge examples only, lr 1e-7, 1 epoch: the paper's path for an instruction-tuned model (4.1)"))
     iterations: int = HfArg(default=3, help="iterations M0 -> M1 -> M2 -> M3 (section 4.1)")
     num_prompts: int = HfArg(default=4000, help="fresh Alpaca prompts per iteration (section 4.1)")
+    prompt_offset: int = HfArg(default=0, help=(
+        "skip this many prompts of the shuffled pool: 8000 gives a run from M2 the third iteration's prompts (Table 4)"))
     num_samples: int = HfArg(default=4, help=(
         "responses sampled per prompt; two picked at random form the unlabeled pair (section 4.1)"))
     sft_examples: int = HfArg(default=5000, help=(
@@ -290,17 +292,22 @@ def sequence_logps(model, input_ids, attention_mask, response_mask):
 
 
 @torch.no_grad()
+def batched_logps(model, sequences, pad_id, batch_size, desc):
+    """Summed response log-probs of [(prompt_ids, response_ids)] without gradients -> list of floats."""
+    model.eval()
+    logps = []
+    for start in tqdm(range(0, len(sequences), batch_size), desc=desc):
+        input_ids, attention_mask, labels = (t.to(model.device) for t in collate(sequences[start: start + batch_size],
+                                                                                   pad_id))
+        logps += sequence_logps(model, input_ids, attention_mask, labels != -100).tolist()
+    return logps
+
+
 def score_logps(path, model_path, sequences, tokenizer, args):
-    """Summed response log-probs of [(prompt_ids, response_ids)] under the model at model_path, cached in path."""
-    def compute():
-        model = load_model(model_path, args).eval()
-        logps = []
-        for start in tqdm(range(0, len(sequences), args.score_batch_size), desc=f"log-probs under {model_path}"):
-            input_ids, attention_mask, labels = (t.to(model.device) for t in collate(
-                sequences[start: start + args.score_batch_size], tokenizer.pad_token_id))
-            logps += sequence_logps(model, input_ids, attention_mask, labels != -100).tolist()
-        return [{"logp": v} for v in logps]
-    rows = cached_jsonl(path, compute)
+    """batched_logps under the model at model_path, cached in path (resume)."""
+    rows = cached_jsonl(path, lambda: [{"logp": v} for v in batched_logps(
+        load_model(model_path, args), sequences, tokenizer.pad_token_id, args.score_batch_size,
+        f"log-probs under {model_path}")])
     if len(rows) != len(sequences):
         fail(f"{path} holds log-probs of other sequences: delete it to recompute")
     return [row["logp"] for row in rows]
@@ -661,16 +668,6 @@ def score_pairs(model_path_or_model, tokenizer, pairs, args, identifier_ids, alp
     return results
 
 
-def scores_before_training(args, tokenizer, pairs, t, out, identifier_ids, alpha_l):
-    """score_pairs of M_t on iteration t + 1's pairs, cached in iter<t+1>/start.jsonl (resume)."""
-    path = out / f"iter{t + 1}" / "start.jsonl"
-    start = cached_jsonl(path, lambda: score_pairs(
-        out / f"M{t}", tokenizer, pairs, args, identifier_ids, alpha_l, f"IRM and GRM of M{t}"))
-    if len(start) != len(pairs):
-        fail(f"{path} holds scores of other pairs than the iteration's samples: delete it to recompute")
-    return start
-
-
 def irm_preferences(scored, global_ref, beta):
     """P of Eq. 4 from stored log-probs: rows {logp_1, logp_2} of a model and of pi_ref^g -> list of P."""
     column = lambda rows, key: torch.tensor([row[key] for row in rows], dtype=torch.float64)
@@ -689,19 +686,25 @@ def judge_label(q_prompts):
     return True if all(q > 0.5 for q in q_prompts) else False if all(q < 0.5 for q in q_prompts) else None
 
 
-def internal_consistency(p_irm, q_prompts):
-    """Analysis (Table 1, Figure 2): share of pairs on which IRM and GRM agree, counting GRM only where its judge
-    prompts agree with each other (section 4.3), and IRM where P != 0.5. [P], [[Q per prompt]] -> (rate, counted)."""
-    counted = [(p, label) for p, label in zip(p_irm, map(judge_label, q_prompts)) if label is not None and p != 0.5]
+def pointwise_label(scores):
+    """The Table 6 judge's label of (y1, y2) from its two scores, True if y1 scores higher; a tie or an unreadable
+    judgement gives None."""
+    return None if None in scores or scores[0] == scores[1] else scores[0] > scores[1]
+
+
+def internal_consistency(p_irm, grm_labels):
+    """Analysis (Table 1, Figure 2): share of pairs on which IRM and GRM agree, counting the pairs the GRM labels
+    (judge_label, pointwise_label) and the IRM labels (P != 0.5). [P], [True/False/None] -> (rate, counted)."""
+    counted = [(p, label) for p, label in zip(p_irm, grm_labels) if label is not None and p != 0.5]
     return (sum(agree(p, float(label)) for p, label in counted) / len(counted) if counted else None), len(counted)
 
 
-def consistency_figures(start, trained, global_ref, beta):
+def consistency_figures(start, trained, global_ref, beta, grm_label):
     """Analysis (Table 1, Figure 2) of one iteration's pairs D_t: M_t's IRM-GRM consistency on them (new pairs) and
-    M_{t+1}'s (trained pairs), each from score_pairs rows -> metrics."""
+    M_{t+1}'s (trained pairs), each from rows {logp_1, logp_2, the judge's verdict} -> metrics."""
     figures = {}
     for key, scored in (("new", start), ("trained", trained)):
-        rate, counted = internal_consistency(irm_preferences(scored, global_ref, beta), [s["q_prompts"] for s in scored])
+        rate, counted = internal_consistency(irm_preferences(scored, global_ref, beta), map(grm_label, scored))
         figures |= {f"consistency_{key}": rate, f"counted_{key}": counted}
     return figures
 
@@ -713,7 +716,8 @@ def run_scir_training(args, tokenizer, samples, t, out, identifier_ids):
     alpha_l = judge_length_reg(args, t)
     pairs = [dict(row, sequences=pair_sequences(tokenizer, row, args.max_length)) for row in samples]
     global_ref = global_reference_logps(args, tokenizer, pairs, it / "logps_global.jsonl")
-    start = scores_before_training(args, tokenizer, pairs, t, out, identifier_ids, alpha_l)
+    start = cached_jsonl(it / "start.jsonl", lambda: score_pairs(
+        out / f"M{t}", tokenizer, pairs, args, identifier_ids, alpha_l, f"IRM and GRM of M{t}"))
     for pair, g, s in zip(pairs, global_ref, start):
         pair.update(global_logp_1=g["logp_1"], global_logp_2=g["logp_2"], local_logp_1=s["logp_1"],
                     local_logp_2=s["logp_2"])
@@ -734,7 +738,8 @@ def run_scir_training(args, tokenizer, samples, t, out, identifier_ids):
                      "label_grm_start": int(s["q"] > 0.5), "p_end": pe, "q_end": e["q"], "q_prompts_end": e["q_prompts"],
                      "label_irm_end": int(pe > 0.5), "label_grm_end": int(e["q"] > 0.5)})
     summary.update(pairs=len(pairs), consistency_rate=sum(agree(p, e["q"]) for p, e in zip(p_end, end)) / len(pairs),
-                   **consistency_figures(start, trained, global_ref, args.beta))
+                   **consistency_figures(start, trained, global_ref, args.beta,
+                                         lambda scored: judge_label(scored["q_prompts"])))
     write_jsonl(it / "pairs.jsonl", rows)
     save_model(model, tokenizer, out / f"M{t + 1}", summary)
     del model
@@ -766,13 +771,14 @@ def pointwise_prompt(tokenizer, instruction, response, max_length):
     return fill_pointwise(instruction, response if len(ids) <= room else tokenizer.decode(ids[:room]).rstrip("\ufffd"))
 
 
-def judge_samples(model_path, tokenizer, samples_rows, args):
-    """Self-Rewarding: one sampled Table 6 judgement per response from M_t -> per-prompt scores (None: no score)."""
-    model = load_model(model_path, args).eval()
+def judge_samples(model, tokenizer, samples_rows, args, seed):
+    """Self-Rewarding: one sampled Table 6 judgement per response in each row's samples -> per-row scores (None: no
+    score)."""
+    model.eval()
+    torch.manual_seed(seed)
     prompts = [pointwise_prompt(tokenizer, row["prompt"], s["response"], args.max_length)
                for row in samples_rows for s in row["samples"]]
     judgements = [reply for (reply,) in sample_responses(model, tokenizer, prompts, args, num_samples=1)]
-    del model
     rows, n = [], len(samples_rows[0]["samples"])
     for j, row in enumerate(samples_rows):
         texts = [reply["response"] for reply in judgements[j * n: (j + 1) * n]]
@@ -792,11 +798,11 @@ def dpo_batch_loss(args, tokenizer):
     return loss_fn
 
 
-def run_baseline_training(args, tokenizer, samples, t, out, identifier_ids):
+def run_baseline_training(args, tokenizer, samples, t, out):
     """SRLM (judge scores) or IRM (log pi_t - log pi_ref^g) ranks each prompt's responses; DPO on best vs worst.
 
-    Analysis (Table 1 is SRLM's): the pairs are also scored by the IRM and the 4 pairwise judge prompts (zero-shot,
-    no length regularisation) of M_t before and of M_{t+1} after training."""
+    Analysis (Table 1 is SRLM's): the pairs are also labelled by the IRM and by the Table 6 judge, of M_t before
+    and of M_{t+1} after training; M_t's judge labels SRLM's pairs by the scores that ranked them."""
     it = out / f"iter{t + 1}"
     sequences = []
     for row in samples:
@@ -808,10 +814,11 @@ def run_baseline_training(args, tokenizer, samples, t, out, identifier_ids):
         global_ = score_logps(it / "logps_global.jsonl", args.global_reference or args.model, sequences, tokenizer, args)
         rewards = [a - b for a, b in zip(local, global_)]
     else:
-        judged = cached_jsonl(it / "judgements.jsonl", lambda: judge_samples(out / f"M{t}", tokenizer, samples, args))
+        judged = cached_jsonl(it / "judgements.jsonl", lambda: judge_samples(
+            load_model(out / f"M{t}", args), tokenizer, samples, args, args.seed + 1000 * t + 2))
         rewards = [score for row in judged for score in row["scores"]]
         unusable = sum(score is None for score in rewards)
-    pairs, n = [], len(samples[0]["samples"])
+    pairs, judge_scores, n = [], [], len(samples[0]["samples"])
     for j, row in enumerate(samples):
         r = rewards[j * n: (j + 1) * n]
         usable = [i for i, value in enumerate(r) if value is not None]
@@ -820,25 +827,34 @@ def run_baseline_training(args, tokenizer, samples, t, out, identifier_ids):
         best, worst = max(usable, key=r.__getitem__), min(usable, key=r.__getitem__)
         pairs.append({"id": row["id"], "prompt": row["prompt"], "chosen": row["samples"][best]["response"],
                       "rejected": row["samples"][worst]["response"], "rewards": r,
-                      "response_1": row["samples"][best], "response_2": row["samples"][worst],  # for the analysis
+                      "samples": [row["samples"][best], row["samples"][worst]],
                       "sequences": [sequences[j * n + best], sequences[j * n + worst]],
                       "ref_chosen_logp": local[j * n + best], "ref_rejected_logp": local[j * n + worst]})
+        judge_scores.append([r[best], r[worst]])  # srlm: M_t's judge on the pair, the scores that ranked it
     if not pairs:
         fail(f"iteration {t + 1}: no prompt has two responses with different rewards"
              + (f" ({unusable} judgements gave no score)" if unusable else ""))
     global_ref = global_reference_logps(args, tokenizer, pairs, it / "logps_global_pairs.jsonl")
-    start = scores_before_training(args, tokenizer, pairs, t, out, identifier_ids, 0.0)
+    if args.method == "irm":  # M_t's judge has not seen the pairs: judge them for the analysis
+        judge_scores = [row["scores"] for row in cached_jsonl(it / "judgements_pairs.jsonl", lambda: judge_samples(
+            load_model(out / f"M{t}", args), tokenizer, pairs, args, args.seed + 1000 * t + 2))]
     batches = [b for epoch in range(args.epochs) for b in micro_batches(pairs, args.batch_size, args.seed + t + epoch)]
     model = load_model(out / f"M{t}", args)
     torch.manual_seed(args.seed + 1000 * t + 1)
     summary = train(model, batches, dpo_batch_loss(args, tokenizer), args.lr, args, f"{args.method} M{t} -> M{t + 1}")
-    end = score_pairs(model, tokenizer, pairs, args, identifier_ids, 0.0, f"IRM and GRM of M{t + 1}")
-    summary.update(pairs=len(pairs), unusable_judgements=unusable, **consistency_figures(start, end, global_ref, args.beta))
+    end_logps = batched_logps(model, [s for p in pairs for s in p["sequences"]], tokenizer.pad_token_id,
+                              args.score_batch_size, f"IRM of M{t + 1}")
+    end_judged = judge_samples(model, tokenizer, pairs, args, args.seed + 1000 * t + 3)
+    start = [{"logp_1": p["ref_chosen_logp"], "logp_2": p["ref_rejected_logp"], "scores": s}
+             for p, s in zip(pairs, judge_scores)]
+    end = [{"logp_1": a, "logp_2": b, "scores": j["scores"]} for a, b, j in zip(end_logps[::2], end_logps[1::2], end_judged)]
+    summary.update(pairs=len(pairs), unusable_judgements=unusable, **consistency_figures(
+        start, end, global_ref, args.beta, lambda scored: pointwise_label(scored["scores"])))
     p_start, p_end = (irm_preferences(scored, global_ref, args.beta) for scored in (start, end))
-    write_jsonl(it / "pairs.jsonl", [{k: v for k, v in p.items() if k not in ("response_1", "response_2", "sequences")}
-                                     | {"p_start": ps, "q_prompts_start": s["q_prompts"], "p_end": pe,
-                                        "q_prompts_end": e["q_prompts"]}
-                                     for p, ps, s, pe, e in zip(pairs, p_start, start, p_end, end)])
+    write_jsonl(it / "pairs.jsonl", [{k: v for k, v in p.items() if k not in ("samples", "sequences")}
+                                     | {"p_start": ps, "scores_start": s["scores"], "p_end": pe,
+                                        "scores_end": e["scores"], "judgements_end": j["judgements"]}
+                                     for p, ps, s, pe, e, j in zip(pairs, p_start, start, p_end, end, end_judged)])
     save_model(model, tokenizer, out / f"M{t + 1}", summary)
     del model
 
@@ -923,8 +939,7 @@ def score_model_on_pairs(args, tokenizer, pairs, k, out, identifier_ids):
                            f"RewardBench: IRM and GRM of M{k}")
     logps = score_logps(out / "reward_bench" / f"logps_M{k}.jsonl", out / f"M{k}",
                         [s for p in pairs for s in p["sequences"]], tokenizer, args)
-    torch.manual_seed(args.seed + k)
-    judged = judge_samples(out / f"M{k}", tokenizer, pairs, args)
+    judged = judge_samples(load_model(out / f"M{k}", args), tokenizer, pairs, args, args.seed + k)
     return [{"logp_1": a, "logp_2": b, "scores": j["scores"], "judgements": j["judgements"]}
             for a, b, j in zip(logps[::2], logps[1::2], judged)]
 
@@ -943,9 +958,8 @@ def evaluate_reward_bench(args, tokenizer, pairs, out, identifier_ids):
         irm = [None if p == 0.5 else p > 0.5 for p in irm_preferences(scored, global_ref, args.beta)]
         if args.method == "scir":  # the GRM's prediction is the mean over its 4 prompts (3.3), as DCPO uses it
             grm = [None if s["q"] == 0.5 else s["q"] > 0.5 for s in scored]
-        else:  # a tie or an unusable judgement labels nothing
-            grm = [None if None in s["scores"] or s["scores"][0] == s["scores"][1] else s["scores"][0] > s["scores"][1]
-                   for s in scored]
+        else:  # the Table 6 judge: a tie or an unreadable judgement labels nothing
+            grm = [pointwise_label(s["scores"]) for s in scored]
         both = [i if i == g else None for i, g in zip(irm, grm)]  # "Consistency": where IRM and GRM give one label
         subsets = [pair["subset"] for pair in pairs]
         results[k] = {name: reward_bench_scores(subsets, labels) for name, labels in
@@ -1041,8 +1055,9 @@ def parse_args(argv=None):
         fail(f"--tau must be in [0.5, 1), got {args.tau}")
     if args.dtype not in ("auto", "bfloat16", "float32"):
         fail(f"--dtype must be auto, bfloat16 or float32, got {args.dtype!r}")
-    if args.sft_epochs < 0:
-        fail("--sft_epochs must be >= 0")
+    for name in ("sft_epochs", "prompt_offset"):
+        if getattr(args, name) < 0:
+            fail(f"--{name} must be >= 0, got {getattr(args, name)}")
     if args.output_dir is not None and Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
         fail(f"--output_dir {args.output_dir} is a file, not a folder")
     if args.output_dir is None:
@@ -1079,7 +1094,7 @@ def final_table(args, rows):
     D_{t-1} and D_t; Figure 3's RewardBench accuracy), percentages -> markdown text."""
     pct = lambda v: "-" if v is None else f"{100 * v:.2f}"
     number = lambda v, spec: "-" if v is None else format(v, spec)
-    header = ["Method", "Model", "Length", "Consistency D_t-1", "Consistency D_t", "Pairs", "DCPO %", "Loss"]
+    header = ["Method", "Model", "Sample tokens", "Consistency D_t-1", "Consistency D_t", "Pairs", "DCPO %", "Loss"]
     with_reward_bench = any("reward_bench" in row for row in rows)
     header += ["RewardBench IRM", "RewardBench GRM", "RewardBench IRM = GRM"] if with_reward_bench else []
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -1102,6 +1117,7 @@ def main(argv=None):
     sft_rows, judge_rows, prompt_rows = load_data(args)  # validated before any model is loaded
     bench_rows = load_reward_bench(args) if args.eval_reward_bench else None
     random.Random(args.seed).shuffle(prompt_rows)
+    prompt_rows = prompt_rows[args.prompt_offset:]  # the shuffle is the same for every run with this --seed
     if len(prompt_rows) < args.iterations * args.num_prompts:
         print(f"note: {len(prompt_rows)} prompts for {args.iterations} x {args.num_prompts}: "
               f"each iteration gets {len(prompt_rows) // args.iterations}")
@@ -1141,7 +1157,7 @@ def main(argv=None):
             if args.method == "scir":
                 run_scir_training(args, tokenizer, samples, t, out, identifier_ids)
             else:
-                run_baseline_training(args, tokenizer, samples, t, out, identifier_ids)
+                run_baseline_training(args, tokenizer, samples, t, out)
         summary = json.loads((out / f"M{t + 1}" / "training_summary.json").read_text())
         lengths = [len(s["token_ids"]) for row in samples for s in row["samples"]]
         rows[t].update(response_length=sum(lengths) / len(lengths), too_long=too_long,

@@ -118,6 +118,9 @@ def test_cream_variants_through_the_cli(flags, expected, tmp_path, tiny_model_di
     (metrics,) = read_jsonl(out / "metrics.jsonl")
     assert metrics["consistency"] == pytest.approx(consistency, abs=1e-9)
     assert all(pair["consistency"] == pytest.approx(consistency, abs=1e-9) for pair in read_jsonl(out / "iter1" / "pairs.jsonl"))
+    table = (out / "table.md").read_text().splitlines()
+    column = table[0].split(" | ").index("C used")
+    assert next(line for line in table if "| M1 |" in line).split(" | ")[column] == f"{consistency:.2f}"
 
 
 SCIR_SMALL = ["--iterations", 1, "--num_prompts", 3, "--num_samples", 2, "--max_new_tokens", 6, "--max_length", 700,
@@ -138,6 +141,34 @@ def test_scir_ablations_through_the_cli(flag, tmp_path, tiny_model_dir, data_dir
         assert metrics["loss"] == pytest.approx(metrics["dpo_loss"], rel=1e-5, abs=1e-7)
     if flag == "--no_dcpo":  # Eq. 7 without its first term (alpha = 1): the loss is the consistency loss alone
         assert metrics["loss"] == pytest.approx(metrics["consistency_loss"], rel=1e-5, abs=1e-7)
+    if flag == "--single_judge_prompt":  # Q from one judge prompt, before and after training
+        pairs = read_jsonl(out / "iter1" / "pairs.jsonl")
+        assert all(len(p["q_prompts_start"]) == len(p["q_prompts_end"]) == 1 for p in pairs)
+        assert all(p["q_start"] == p["q_prompts_start"][0] for p in pairs)
+
+
+def test_ablation_from_a_later_model_samples_that_iterations_prompts(tmp_path, tiny_model_dir, data_dir):
+    """Table 4's recipe: a run from M1 with --sft_epochs 0 --prompt_offset <one iteration's prompts> samples the
+    prompts of the main run's second iteration, not its first."""
+    common = ["--data_dir", data_dir, *map(str, SCIR_SMALL[2:])]  # SCIR_SMALL without its --iterations
+    main_run, ablation = tmp_path / "main", tmp_path / "ablation"
+    scir.main(["--model", tiny_model_dir, "--output_dir", str(main_run), *common, "--iterations", "2"])
+    scir.main(["--model", str(main_run / "M1"), "--output_dir", str(ablation), *common, "--global_reference",
+               tiny_model_dir, "--sft_epochs", "0", "--iterations", "1", "--prompt_offset", "3"])
+    assert json.loads((ablation / "M0" / "training_summary.json").read_text()) == {"sft": "skipped"}
+    prompts_of = lambda path: [row["prompt"] for row in read_jsonl(path / "samples.jsonl")]
+    assert prompts_of(ablation / "iter1") == prompts_of(main_run / "iter2") != prompts_of(main_run / "iter1")
+
+
+def test_no_adaptive_reference_reaches_the_loss(monkeypatch, tmp_path, tiny_model_dir, data_dir):
+    """With the flag, training never asks for the adaptive reference of Appendix A; without it, it does."""
+    def refuse(*args):
+        raise AssertionError("adaptive reference used")
+    monkeypatch.setattr(scir, "adaptive_reference_logratio", refuse)
+    command = ["--model", tiny_model_dir, "--data_dir", data_dir, *map(str, SCIR_SMALL)]
+    scir.main(command + ["--output_dir", str(tmp_path / "ablation"), "--no_adaptive_reference"])
+    with pytest.raises(AssertionError, match="adaptive reference used"):
+        scir.main(command + ["--output_dir", str(tmp_path / "full")])
 
 
 @pytest.mark.parametrize("reply, expected", [
@@ -166,6 +197,10 @@ def test_extract_choice(reply, expected):
     ("She pays $18 a day.\n#### 72\nAnswer: 5", "72"),
     ("no number here", None),
     ("Answer: $1,000,000", "1000000"),
+    ("**Answer:** 18 (3 more than 15)", "18"),  # markdown, and a later number in the same line
+    ("Answer - 18 (not 20)", "18"),
+    ("Answer = 18 (not 20)", "18"),
+    ("Answer: -5 (not 3)", "-5"),
 ])
 def test_extract_number(reply, expected):
     assert cream.extract_answer(reply, "number") == expected
@@ -237,10 +272,18 @@ def test_internal_consistency_counts_only_unanimous_judge_prompts():
                  [0.4, 0.6, 0.3, 0.2],   # judge prompts split: not counted
                  [0.2, 0.1, 0.3, 0.4],   # judge unanimous for y2, IRM y1: disagree
                  [0.3, 0.2, 0.1, 0.4]]   # both y2: agree
-    rate, counted = scir.internal_consistency(p_irm, q_prompts)
+    rate, counted = scir.internal_consistency(p_irm, map(scir.judge_label, q_prompts))
     assert counted == 3 and rate == pytest.approx(2 / 3)
-    assert scir.internal_consistency([0.9], [[0.6, 0.4, 0.6, 0.6]]) == (None, 0)
-    assert scir.internal_consistency([0.5, 0.7], [[0.6] * 4, [0.6] * 4]) == (1.0, 1)  # P = 0.5 labels nothing
+    assert scir.internal_consistency([0.9], [scir.judge_label([0.6, 0.4, 0.6, 0.6])]) == (None, 0)
+    assert scir.internal_consistency([0.5, 0.7], [True, True]) == (1.0, 1)  # P = 0.5 labels nothing
+
+
+def test_pointwise_label_and_the_baselines_consistency():
+    """The Table 6 judge labels a pair by its two scores; a tie or an unreadable score labels nothing."""
+    scores = [[4.0, 2.0], [1.0, 3.0], [3.0, 3.0], [None, 5.0], [5.0, 0.0]]
+    assert [scir.pointwise_label(s) for s in scores] == [True, False, None, None, True]
+    p_irm = [0.7, 0.6, 0.9, 0.1, 0.2]  # agree, disagree, (tie), (unreadable), disagree
+    assert scir.internal_consistency(p_irm, map(scir.pointwise_label, scores)) == (pytest.approx(1 / 3), 3)
 
 
 def test_per_prompt_judge_probabilities(monkeypatch, tiny_tokenizer):
@@ -385,22 +428,37 @@ def test_scir_irm_baseline_pairs_best_and_worst_implicit_reward(tmp_path, tiny_m
             for when, name in (("start", "M0"), ("end", "M1")):
                 ratio = (logp[name][0] - logp["base"][0]) - (logp[name][1] - logp["base"][1])
                 assert pair[f"p_{when}"] == pytest.approx(1 / (1 + math.exp(-5.0 * ratio)), abs=1e-4)
+    # the GRM of the analysis is M0's Table 6 judge on each pair (chosen, rejected), judged for it alone
+    judged = read_jsonl(out / "iter1" / "judgements_pairs.jsonl")
+    assert [row["id"] for row in judged] == [pair["id"] for pair in pairs]
+    assert [row["scores"] for row in judged] == [pair["scores_start"] for pair in pairs]
+    assert all(len(row["judgements"]) == 2 for row in judged)
+    labelled = [s for s in (pair["scores_start"] for pair in pairs) if None not in s and s[0] != s[1]]
+    m0 = read_jsonl(out / "metrics.jsonl")[0]
+    assert m0["counted_new"] == len(labelled)  # a random model writes no score: usually none
 
 
 def test_scir_srlm_baseline_follows_the_judge_scores(monkeypatch, tmp_path, tiny_model_dir, data_dir):
-    """A random tiny model writes no 'Score: N', so the scores are patched: the judgement's length mod 5."""
+    """A random tiny model writes no 'Score: N', so the scores are patched: the judgement's length mod 5.
+
+    Table 1's analysis of SRLM uses SRLM's own judge: on D_0, M0's scores that made the pairs (chosen always wins);
+    on the trained pairs, M1's judgements of chosen and rejected, where a tie labels nothing."""
     monkeypatch.setattr(scir, "parse_score", lambda text: float(len(text) % 5))
-    # Table 1's analysis of SRLM: a patched pairwise judge, unanimous for the chosen response (y1) of each pair
-    monkeypatch.setattr(scir, "generative_preference", lambda model, tokenizer, instructions, *args, per_prompt=False,
-                        **kwargs: torch.full((len(instructions), 4) if per_prompt else (len(instructions),), 0.9))
     out = tmp_path / "run"
     scir.main(["--model", tiny_model_dir, "--data_dir", data_dir, "--output_dir", str(out), "--method", "srlm",
                *map(str, SCIR_SMALL), "--num_samples", "3"])
     pairs = assert_pairs_follow_patched_scores(out)
     m0, m1 = read_jsonl(out / "metrics.jsonl")
-    share = lambda key: sum(p[key] > 0.5 for p in pairs) / len(pairs)  # the IRM also prefers the chosen response
-    assert (m0["consistency_new"], m0["counted_new"]) == (pytest.approx(share("p_start")), len(pairs))
-    assert (m1["consistency_trained"], m1["counted_trained"]) == (pytest.approx(share("p_end")), len(pairs))
+    share = sum(p["p_start"] > 0.5 for p in pairs) / len(pairs)  # the judge prefers the chosen response (y1)
+    assert (m0["consistency_new"], m0["counted_new"]) == (pytest.approx(share), len(pairs))
+    trained = []  # (P of M1, M1's judge label) where the two patched scores differ
+    for pair in pairs:
+        chosen, rejected = (len(text) % 5 for text in pair["judgements_end"])
+        assert pair["scores_end"] == [chosen, rejected]
+        if chosen != rejected:
+            trained.append((pair["p_end"] > 0.5) == (chosen > rejected))
+    assert trained and (m1["consistency_trained"], m1["counted_trained"]) == (
+        pytest.approx(sum(trained) / len(trained)), len(trained))
 
 
 def assert_pairs_follow_patched_scores(out):
@@ -623,6 +681,53 @@ def test_scir_hub_loaders_on_rows_shaped_like_the_hub(monkeypatch):
         == alpaca_prompts  # the pools hold the Alpaca rows SFT did not use
     assert scir.load_reward_bench(args) == [dict(hub["allenai/reward-bench"][0])]
     assert ("allenai/reward-bench", "filtered", {}) in calls and ("GAIR/lima", "train", {"revision": "refs/convert/parquet"}) in calls
+
+
+def test_cream_hub_loader_on_rows_shaped_like_the_hub(monkeypatch):
+    """cream.load_hub_data with datasets.load_dataset answering rows shaped as the cards say (datasets.md): D_S is
+    English oasst1 root prompts joined to their rank-0 reply; D_U adds the five tasks' train questions; --evaluate
+    scores ARC, OpenBookQA and GSM8K on test and SIQA on validation (from its parquet revision)."""
+    import datasets
+
+    def message(message_id, parent_id, role, text, lang="en", rank=None, deleted=False):
+        return {"message_id": message_id, "parent_id": parent_id, "role": role, "text": text, "lang": lang,
+                "rank": rank, "deleted": deleted, "review_result": True, "message_tree_id": "t"}
+    oasst = [message("r1", None, "prompter", "Why is the sky blue?"),
+             message("a1", "r1", "assistant", "Rayleigh scattering.", rank=0),
+             message("a2", "r1", "assistant", "Because.", rank=1),
+             message("p2", "a1", "prompter", "And at sunset?"),  # not a root: a later turn
+             message("a3", "p2", "assistant", "Longer path.", rank=0),
+             message("r2", None, "prompter", "Warum?", lang="de"),
+             message("a4", "r2", "assistant", "Darum.", rank=0, lang="de"),
+             message("r3", None, "prompter", "Deleted answer?"),
+             message("a5", "r3", "assistant", "Gone.", rank=0, deleted=True)]
+    arc = lambda q: {"id": q, "question": q, "choices": {"text": ["w", "x"], "label": ["1", "2"]}, "answerKey": "2"}
+    tasks = {
+        ("allenai/ai2_arc", "ARC-Easy"): arc,
+        ("allenai/ai2_arc", "ARC-Challenge"): arc,
+        ("allenai/openbookqa", "main"): lambda q: {"id": q, "question_stem": q, "answerKey": "A",
+                                                   "choices": {"text": ["p", "q"], "label": ["A", "B"]}},
+        ("allenai/social_i_qa", None): lambda q: {"context": "Ctx.", "question": q, "answerA": "u", "answerB": "v",
+                                                  "answerC": "w", "label": "3"},
+        ("openai/gsm8k", "main"): lambda q: {"question": q, "answer": "2 * 3 = 6\n#### 6"},
+    }
+    calls = []
+
+    def fake_load_dataset(repo, name=None, split="train", revision=None):
+        calls.append((repo, name, split, revision))
+        rows = oasst if repo == "OpenAssistant/oasst1" else [tasks[repo, name](f"{repo} {name} {split}?")]
+        return datasets.Dataset.from_list(rows)
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    sft, pool, tests = cream.load_hub_data(evaluate=True)
+    assert sft == [{"prompt": "Why is the sky blue?", "response": "Rayleigh scattering."}]
+    questions = [row["prompt"].splitlines()[0] for row in pool[1:]]
+    assert pool[0] == {"prompt": "Why is the sky blue?"} and len(pool) == 6
+    assert all(q.endswith(" train?") for q in questions)  # the pool never holds a test question
+    assert {row["task"]: row["answer"] for row in tests} == {"arc_easy": "B", "arc_challenge": "B", "openbookqa": "A",
+                                                             "siqa": "C", "gsm8k": "6"}
+    assert ("allenai/social_i_qa", None, "validation", "refs/convert/parquet") in calls
+    assert {split for repo, _, split, _ in calls if repo not in ("OpenAssistant/oasst1", "allenai/social_i_qa")} \
+        == {"train", "test"}
 
 
 def test_length_reg_0_ablation_turns_the_judges_length_penalty_off(monkeypatch, tmp_path, tiny_model_dir, data_dir):
