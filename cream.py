@@ -557,9 +557,10 @@ def parse_score(judgement):
     return scores[-1] if scores else None
 
 
-def judge_samples(model_path, tokenizer, samples_rows, args):
+def judge_samples(model_path, tokenizer, samples_rows, args, seed):
     """One sampled judgement per response from M_t (SCIR Table 6 prompt, as Self-Rewarding) -> per-prompt scores."""
     model = load_model(model_path, args).eval()
+    torch.manual_seed(seed)  # a resumed run judges as an uninterrupted one
     prompts = [fill_pointwise(row["prompt"], s["response"]) for row in samples_rows for s in row["samples"]]
     judgements = [reply for (reply,) in sample_responses(model, tokenizer, prompts, args, num_samples=1)]
     del model
@@ -880,7 +881,8 @@ def main(argv=None):
             samples, logps["t"], logps.get("prev"), logps["0"], t))
         pair_rewards, unusable = reward_rows, 0
         if args.method == "p-srlm":  # baseline: the judge's scores rank the responses instead of Eq. 3.9
-            judged = cached_jsonl(it / "judgements.jsonl", lambda: judge_samples(out / f"M{t}", tokenizer, samples, args))
+            judged = cached_jsonl(it / "judgements.jsonl", lambda: judge_samples(
+                out / f"M{t}", tokenizer, samples, args, args.seed + 1000 * t + 2))
             pair_rewards = [dict(row, r=j["scores"]) for row, j in zip(reward_rows, judged)]
             unusable = sum(score is None for j in judged for score in j["scores"])
         if args.method in ("srlm", "p-srlm"):  # the baselines trust every self-label: plain DPO
