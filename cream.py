@@ -792,7 +792,7 @@ def final_table(args, metrics, evaluation):
     tasks = list(dict.fromkeys(row["task"] for row in evaluation))
     accuracy = {(row["model"], row["task"]): row["accuracy"] for row in evaluation}
     header = ["Method", "Reward", "Iteration", *(TASK_NAMES.get(task, task) for task in tasks), "Consistency C",
-              "C used", "Kendall tau", "Spearman", "TopOrder", "Pairs", "Length"]
+              "C used", "Kendall tau", "Spearman", "TopOrder", "Pairs", "Sample tokens"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for k in range(args.iterations + 2):
         row = next((m for m in metrics if m["iteration"] == k), None)  # M_k rewards its samples in iteration k
