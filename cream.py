@@ -806,7 +806,8 @@ def final_table(args, metrics, evaluation):
             cells += ["-"] * 7
         else:
             cells.append(f"{(row['kendall'] + 1) / 2:.2f} ± {row['kendall_std'] / 2:.2f}")  # C = mean (tau + 1) / 2
-            cells.append(f"{row['consistency']:.2f}")  # by --consistency_measure; 1 for the baselines
+            per_pair = args.method == "cream" and args.consistency_scope == "pair"  # each pair's own (tau + 1) / 2
+            cells.append("per pair" if per_pair else f"{row['consistency']:.2f}")  # 1 for the baselines
             cells += [f"{row[key]:.2f} ± {row[key + '_std']:.2f}" for key in ("kendall", "spearman", "top_order")]
             cells += [str(row["pairs"]), f"{row['response_length']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")

@@ -718,6 +718,8 @@ def run_scir_training(args, tokenizer, samples, t, out, identifier_ids):
     global_ref = global_reference_logps(args, tokenizer, pairs, it / "logps_global.jsonl")
     start = cached_jsonl(it / "start.jsonl", lambda: score_pairs(
         out / f"M{t}", tokenizer, pairs, args, identifier_ids, alpha_l, f"IRM and GRM of M{t}"))
+    if len(start) != len(pairs):
+        fail(f"{it / 'start.jsonl'} holds scores of other pairs than the iteration's samples: delete it to recompute")
     for pair, g, s in zip(pairs, global_ref, start):
         pair.update(global_logp_1=g["logp_1"], global_logp_2=g["logp_2"], local_logp_1=s["logp_1"],
                     local_logp_2=s["logp_2"])
@@ -835,11 +837,15 @@ def run_baseline_training(args, tokenizer, samples, t, out):
         fail(f"iteration {t + 1}: no prompt has two responses with different rewards"
              + (f" ({unusable} judgements gave no score)" if unusable else ""))
     global_ref = global_reference_logps(args, tokenizer, pairs, it / "logps_global_pairs.jsonl")
-    if args.method == "irm":  # M_t's judge has not seen the pairs: judge them for the analysis
-        judge_scores = [row["scores"] for row in cached_jsonl(it / "judgements_pairs.jsonl", lambda: judge_samples(
-            load_model(out / f"M{t}", args), tokenizer, pairs, args, args.seed + 1000 * t + 2))]
     batches = [b for epoch in range(args.epochs) for b in micro_batches(pairs, args.batch_size, args.seed + t + epoch)]
     model = load_model(out / f"M{t}", args)
+    if args.method == "irm":  # M_t's judge has not seen the pairs: it judges them for the analysis
+        path = it / "judgements_pairs.jsonl"
+        judged = cached_jsonl(path, lambda: [dict(row, chosen=p["chosen"]) for row, p in zip(
+            judge_samples(model, tokenizer, pairs, args, args.seed + 1000 * t + 2), pairs)])
+        if [(row["id"], row["chosen"]) for row in judged] != [(p["id"], p["chosen"]) for p in pairs]:
+            fail(f"{path} judges other pairs than this iteration's: delete it to recompute")
+        judge_scores = [row["scores"] for row in judged]
     torch.manual_seed(args.seed + 1000 * t + 1)
     summary = train(model, batches, dpo_batch_loss(args, tokenizer), args.lr, args, f"{args.method} M{t} -> M{t + 1}")
     end_logps = batched_logps(model, [s for p in pairs for s in p["sequences"]], tokenizer.pad_token_id,
@@ -847,7 +853,8 @@ def run_baseline_training(args, tokenizer, samples, t, out):
     end_judged = judge_samples(model, tokenizer, pairs, args, args.seed + 1000 * t + 3)
     start = [{"logp_1": p["ref_chosen_logp"], "logp_2": p["ref_rejected_logp"], "scores": s}
              for p, s in zip(pairs, judge_scores)]
-    end = [{"logp_1": a, "logp_2": b, "scores": j["scores"]} for a, b, j in zip(end_logps[::2], end_logps[1::2], end_judged)]
+    end = [{"logp_1": a, "logp_2": b, "scores": j["scores"]}
+           for a, b, j in zip(end_logps[::2], end_logps[1::2], end_judged)]
     summary.update(pairs=len(pairs), unusable_judgements=unusable, **consistency_figures(
         start, end, global_ref, args.beta, lambda scored: pointwise_label(scored["scores"])))
     p_start, p_end = (irm_preferences(scored, global_ref, args.beta) for scored in (start, end))
@@ -939,7 +946,7 @@ def score_model_on_pairs(args, tokenizer, pairs, k, out, identifier_ids):
                            f"RewardBench: IRM and GRM of M{k}")
     logps = score_logps(out / "reward_bench" / f"logps_M{k}.jsonl", out / f"M{k}",
                         [s for p in pairs for s in p["sequences"]], tokenizer, args)
-    judged = judge_samples(load_model(out / f"M{k}", args), tokenizer, pairs, args, args.seed + k)
+    judged = judge_samples(load_model(out / f"M{k}", args), tokenizer, pairs, args, args.seed + 1000 * k + 4)
     return [{"logp_1": a, "logp_2": b, "scores": j["scores"], "judgements": j["judgements"]}
             for a, b, j in zip(logps[::2], logps[1::2], judged)]
 
@@ -1073,7 +1080,7 @@ def check_same_settings(out, args):
     path = out / "args.json"
     current = {k: v for k, v in asdict(args).items() if k not in AFTER_THE_FACT}
     if path.exists():
-        saved = json.loads(path.read_text())
+        saved = {f.name: f.default for f in fields(Args)} | json.loads(path.read_text())  # a flag added later: default
         changed = [f"--{k} {saved.get(k)!r} (now {v!r})" for k, v in current.items() if saved.get(k) != v]
         if changed:
             fail(f"{out} holds a run made with other settings: {', '.join(changed)}; "

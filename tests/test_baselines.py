@@ -444,9 +444,21 @@ def test_scir_srlm_baseline_follows_the_judge_scores(monkeypatch, tmp_path, tiny
     Table 1's analysis of SRLM uses SRLM's own judge: on D_0, M0's scores that made the pairs (chosen always wins);
     on the trained pairs, M1's judgements of chosen and rejected, where a tie labels nothing."""
     monkeypatch.setattr(scir, "parse_score", lambda text: float(len(text) % 5))
+    original, judges = scir.judge_samples, []  # the weights of the model behind each call, and what it judged
+
+    def recording(model, tokenizer, rows, args, seed):
+        judges.append((model.get_input_embeddings().weight.detach().clone(), len(rows[0]["samples"])))
+        return original(model, tokenizer, rows, args, seed)
+    monkeypatch.setattr(scir, "judge_samples", recording)
     out = tmp_path / "run"
     scir.main(["--model", tiny_model_dir, "--data_dir", data_dir, "--output_dir", str(out), "--method", "srlm",
                *map(str, SCIR_SMALL), "--num_samples", "3"])
+    from transformers import AutoModelForCausalLM
+
+    weights = {k: AutoModelForCausalLM.from_pretrained(out / f"M{k}").get_input_embeddings().weight for k in (0, 1)}
+    (ranking, samples_per_row), (analysis, responses_per_pair) = judges
+    assert samples_per_row == 3 and torch.equal(ranking, weights[0])  # M0 ranks its 3 samples
+    assert responses_per_pair == 2 and torch.equal(analysis, weights[1])  # M1 judges the pairs it was trained on
     pairs = assert_pairs_follow_patched_scores(out)
     m0, m1 = read_jsonl(out / "metrics.jsonl")
     share = sum(p["p_start"] > 0.5 for p in pairs) / len(pairs)  # the judge prefers the chosen response (y1)
@@ -459,6 +471,42 @@ def test_scir_srlm_baseline_follows_the_judge_scores(monkeypatch, tmp_path, tiny
             trained.append((pair["p_end"] > 0.5) == (chosen > rejected))
     assert trained and (m1["consistency_trained"], m1["counted_trained"]) == (
         pytest.approx(sum(trained) / len(trained)), len(trained))
+
+
+def test_scir_irm_baseline_analysis_uses_the_pointwise_judge(monkeypatch, tmp_path, tiny_model_dir, data_dir):
+    """IRM's Table 1 analysis: M0 judges each pair (chosen, rejected) with the Table 6 prompt before training, M1
+    after; a pair counts where the two (patched) scores differ, and agrees where the IRM picks the higher one."""
+    monkeypatch.setattr(scir, "parse_score", lambda text: float(len(text) % 3))
+    out = tmp_path / "run"
+    scir.main(["--model", tiny_model_dir, "--data_dir", data_dir, "--output_dir", str(out), "--method", "irm",
+               *map(str, SCIR_SMALL), "--num_samples", "3"])
+    pairs = read_jsonl(out / "iter1" / "pairs.jsonl")
+    judged = read_jsonl(out / "iter1" / "judgements_pairs.jsonl")
+    assert [(row["id"], row["chosen"]) for row in judged] == [(p["id"], p["chosen"]) for p in pairs]
+    counted = 0
+    for metrics, when, key in ((read_jsonl(out / "metrics.jsonl")[0], "start", "new"),
+                               (read_jsonl(out / "metrics.jsonl")[1], "end", "trained")):
+        agreements = []
+        for pair, row in zip(pairs, judged):
+            chosen, rejected = (len(text) % 3 for text in (row["judgements"] if when == "start" else
+                                                           pair["judgements_end"]))
+            if chosen != rejected:
+                agreements.append((pair[f"p_{when}"] > 0.5) == (chosen > rejected))
+        assert metrics[f"counted_{key}"] == len(agreements)
+        assert metrics[f"consistency_{key}"] == (pytest.approx(sum(agreements) / len(agreements)) if agreements
+                                                 else None)
+        counted += len(agreements)
+    assert counted  # the patched scores label some pairs
+    # a cached judgement of other pairs (say, best and worst swapped on a rerun) is refused, not reused
+    import shutil
+
+    (out / "iter1" / "judgements_pairs.jsonl").write_text("".join(
+        json.dumps(dict(row, chosen=pair["rejected"])) + "\n" for row, pair in zip(judged, pairs)))
+    shutil.rmtree(out / "M1")
+    with pytest.raises(SystemExit) as exit_info:
+        scir.main(["--model", tiny_model_dir, "--data_dir", data_dir, "--output_dir", str(out), "--method", "irm",
+                   *map(str, SCIR_SMALL), "--num_samples", "3"])
+    assert "judgements_pairs.jsonl judges other pairs than this iteration's" in str(exit_info.value.code)
 
 
 def assert_pairs_follow_patched_scores(out):
@@ -744,3 +792,19 @@ def test_length_reg_0_ablation_turns_the_judges_length_penalty_off(monkeypatch, 
         scir.main(["--model", tiny_model_dir, "--data_dir", data_dir, "--output_dir", str(tmp_path / str(expected)),
                    *map(str, SCIR_SMALL), "--length_reg_from", "1", *flags])
         assert seen and set(seen) == {expected}
+
+
+def test_a_run_made_before_a_flag_existed_resumes_with_its_default(tmp_path):
+    """args.json of an older run lacks --prompt_offset: read as its default (0), so the run resumes; a real
+    difference is still refused."""
+    from dataclasses import asdict
+
+    args = scir.parse_args(["--model", "m", "--output_dir", str(tmp_path)])
+    older = {k: v for k, v in asdict(args).items() if k != "prompt_offset"}
+    (tmp_path / "args.json").write_text(json.dumps(older))
+    scir.check_same_settings(tmp_path, args)
+    assert json.loads((tmp_path / "args.json").read_text())["prompt_offset"] == 0
+    (tmp_path / "args.json").write_text(json.dumps(dict(older, beta=0.5)))
+    with pytest.raises(SystemExit) as exit_info:
+        scir.check_same_settings(tmp_path, args)
+    assert "--beta 0.5 (now 0.1)" in str(exit_info.value.code)
