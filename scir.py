@@ -1,7 +1,9 @@
 """SCIR: Self-Consistent Internal Rewards for self-rewarding language models (Zhou et al., arXiv 2502.08922).
 
     python scir.py --model mistralai/Mistral-7B-v0.3                              # the paper's setup, one 80 GB GPU
-    python scir.py --model mistralai/Mistral-7B-Instruct-v0.3 --judge_sft_only     # the strong-SFT variant (Table 3)
+    python scir.py --model mistralai/Mistral-7B-Instruct-v0.3 --judge_sft_only \\
+        --global_reference mistralai/Mistral-7B-v0.3                              # strong SFT (Table 3)
+    python scir.py --method external                                              # Table 2's Skywork baseline
     python scir.py --demo                                                         # offline: tiny random model, 2 CPU cores
 
 Read it next to the paper: SFT gives M0 (section 4.1, Appendix C.1); then per iteration M_t samples 4 responses
@@ -11,6 +13,7 @@ section 3.3, length-regularised), the consistency loss (Eq. 6) and DPO on the pa
 with the adaptive reference of Appendix A.
 """
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -26,11 +29,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, HfArgumentParser
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification,
+                          AutoTokenizer, GenerationConfig, HfArgumentParser)
 from transformers.generation.configuration_utils import ContinuousBatchingConfig
 from transformers.hf_argparser import HfArg
 
-from prompts import ANSWER_PREFIX, chat_prompt, fill_pointwise, identifier_token_ids, judge_prompts
+from prompts import (ANSWER_PREFIX, JUDGE_IDS, chat_prompt, fill_pointwise, identifier_token_ids,
+                     judge_prompts)
 
 
 @dataclass
@@ -75,8 +80,12 @@ class Args:
     length_reg_from: int = HfArg(default=3, help=(
         "first iteration (1 = M0 -> M1) that uses it: the third for Mistral-7B, the second for -Instruct (4.1)"))
     method: str = HfArg(default="scir", help=(
-        "'scir'; Table 2 baselines ranking the 4 responses once, best vs worst, DPO with reference M_t: 'srlm' by "
-        "the pointwise Table 6 judge, 'irm' by the implicit reward (global reference)"))
+        "'scir'; Table 2 baselines ranking the 4 responses once, best vs worst, DPO with reference M_t: "
+        "'srlm' by the pointwise Table 6 judge, 'irm' by the implicit reward (global reference), "
+        "'external' by --reward_model"))
+    reward_model: str = HfArg(default="Skywork/Skywork-Reward-Llama-3.1-8B", help=(
+        "--method external: a sequence-classification reward model with its own chat template "
+        "(section 4.1: Skywork-Reward, Liu et al. 2024; README: which one)"))
     no_consistency_loss: bool = HfArg(default=False, help="ablation (Table 4): drop Eq. 6 from Eq. 7")
     no_dcpo: bool = HfArg(default=False, help="ablation (Table 4): drop the DPO term of Eq. 7, keep consistency training")
     single_judge_prompt: bool = HfArg(default=False, help="ablation (Table 4): Q from template 1 in one order only")
@@ -125,8 +134,13 @@ def read_jsonl(path, required):
                 fail(f"{path}:{number}: not valid JSON ({e.msg})")
             if not isinstance(row, dict) or any(not isinstance(row.get(k), str) for k in required):
                 fail(f"{path}:{number}: needs string fields {', '.join(required)}")
-            if not row[required[0]].strip():
-                fail(f"{path}:{number}: empty {required[0]}")
+            for key in required:
+                if not row[key].strip():
+                    fail(f"{path}:{number}: empty {key}")
+                try:
+                    row[key].encode("utf-8")
+                except UnicodeEncodeError:  # JSON allows a lone surrogate such as \ud800, no tokenizer does
+                    fail(f"{path}:{number}: {key} holds a lone surrogate, which no tokenizer encodes")
             rows.append(row)
     if not rows:
         fail(f"{path} is empty")
@@ -143,12 +157,26 @@ def write_jsonl(path, rows):
 
 def cached_jsonl(path, compute):
     """Rows of `path` if an earlier run finished it, else compute them and write the file (resume)."""
-    if Path(path).exists():
-        with open(path, encoding="utf-8") as f:
-            return [json.loads(line) for line in f]
-    rows = compute()
-    write_jsonl(path, rows)
+    if not Path(path).exists():
+        rows = compute()
+        write_jsonl(path, rows)
+        return rows
+    rows = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, 1):
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                rows.append(None)
+            if not isinstance(rows[-1], dict):
+                fail(f"{path}:{number} is damaged (not a JSON object): delete it to recompute it")
     return rows
+
+
+def check_ids(path, rows, expected, keys=("id",)):
+    """A cached file holds one row per expected row, in order, with the same keys; else it is stale."""
+    if [[row.get(k) for k in keys] for row in rows] != [[row[k] for k in keys] for row in expected]:
+        fail(f"{path} does not match this run's data or its earlier steps: delete it to recompute")
 
 
 # --- Data (Appendix C.1): Alpaca + LIMA + pairwise judge examples from oasst2; Alpaca prompts not used in SFT ---
@@ -170,7 +198,8 @@ def load_hub_data(args):
         sft = alpaca[: args.sft_examples] + [{"prompt": r["conversations"][0], "response": r["conversations"][1]}
                 for r in load("GAIR/lima", revision="refs/convert/parquet") if len(r["conversations"]) >= 2]
     judge = [{"prompt": r["prompt"].removeprefix("prompter: ").strip(), "chosen": r["chosen"], "rejected": r["rejected"]}
-             for r in load("monology/oasst2_dpo") if r["lang"] == "en" and "\nassistant: " not in r["prompt"]]
+             for r in load("monology/oasst2_dpo") if r["lang"] == "en" and "\nassistant: " not in r["prompt"]
+             and r["rejected"].strip() and r["chosen"].strip() != r["rejected"].strip()]  # a side to prefer
     return sft, judge, [{"prompt": row["prompt"]} for row in alpaca[args.sft_examples:]]
 
 
@@ -188,19 +217,30 @@ def load_data(args):
         if not (data_dir / name).is_file():
             fail(f"{data_dir / name} is missing")
     rows = {name: read_jsonl(data_dir / name, keys) for name, keys in needed.items()}
+    check_pairs_differ(data_dir / "judge.jsonl", rows["judge.jsonl"])
     return rows.get("sft.jsonl", []), rows["judge.jsonl"], rows["prompts.jsonl"]
 
 
-def judge_sft_examples(judge_rows, count, seed):
+def check_pairs_differ(path, rows):
+    """A preference pair whose two sides are the same text has nothing to prefer: refuse it."""
+    for number, row in enumerate(rows, 1):
+        if row["chosen"].strip() == row["rejected"].strip():
+            fail(f"{path}: row {number}: chosen and rejected are the same text")
+
+
+def judge_sft_examples(tokenizer, judge_rows, count, seed, max_length):
     """Each preference pair gives 4 examples (2 templates x 2 orders) whose target names the better response.
 
-    The prompt ends in '[[' and the target is 'm]]' or 'M]]': the same tokens as at the judge's answer position.
+    The prompt ends in '[[' and the target is 'm]]' or 'M]]' (+ EOS): the same tokens as at the judge's answer
+    position. Responses too long for max_length are cut as the judge's own prompts cut them (judge_inputs).
+    Returns [(prompt_ids, target_ids)].
     """
-    rows = random.Random(seed).sample(judge_rows, min(count, len(judge_rows)))
+    targets = {name: encode(tokenizer, "", f"{name}]]", ANSWER_PREFIX)[1] for name in JUDGE_IDS}
+    room = max_length - max(map(len, targets.values()))
     examples = []
-    for row in rows:
-        for text, id_of_chosen in judge_prompts(row["prompt"], row["chosen"], row["rejected"]):
-            examples.append({"prompt": text, "answer_prefix": ANSWER_PREFIX, "response": f"{id_of_chosen}]]"})
+    for row in random.Random(seed).sample(judge_rows, min(count, len(judge_rows))):
+        for ids, chosen_first in judge_inputs(tokenizer, row["prompt"], row["chosen"], row["rejected"], room):
+            examples.append((ids, targets["m" if chosen_first else "M"]))
     return examples
 
 
@@ -225,12 +265,41 @@ def load_tokenizer(path):
     return tokenizer
 
 
-def load_model(path, args):
+def load_model(path, args, model_class=AutoModelForCausalLM):
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(args))
+        model, info = model_class.from_pretrained(path, dtype=torch_dtype(args), output_loading_info=True)
     except Exception as e:
         fail(f"cannot load model {path!r} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+    if info["missing_keys"]:  # transformers would only warn and start them from random values
+        missing = sorted(info["missing_keys"])
+        fail(f"model {str(path)!r} lacks {len(missing)} weights, {missing[0]} among them: a damaged checkpoint")
     return model.to("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def check_vocabulary(path, tokenizer, flag):
+    """Before any training: the model at path must embed every token of the run's tokenizer."""
+    try:
+        vocab_size = AutoConfig.from_pretrained(path).vocab_size
+    except Exception as e:
+        fail(f"cannot read the config of {flag} {path!r} ({type(e).__name__})")
+    if len(tokenizer) > vocab_size:
+        fail(f"{flag} {path!r} embeds {vocab_size} tokens, but its tokenizer has {len(tokenizer)}")
+
+
+def model_ready(path):
+    """True if a finished model folder is at path (resume), False if none; a damaged one stops the run."""
+    path = Path(path)
+    if not path.exists():
+        return False
+    weights = list(path.glob("*.safetensors")) + list(path.glob("*.bin"))
+    try:
+        json.loads((path / "training_summary.json").read_text())
+        json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        weights = []
+    if not weights:
+        fail(f"{path} is incomplete or damaged: delete it, and rerun to redo it")
+    return True
 
 
 def save_model(model, tokenizer, path, summary):
@@ -354,8 +423,12 @@ def learning_rate(step, total_steps, peak, warmup_ratio):
     return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total_steps - warmup)))
 
 
-def train(model, batches, loss_fn, lr, args, desc):
-    """Gradient accumulation over `batches` (lists of micro-batches), clipping, AdamW; returns mean metrics."""
+def train(model, batches, loss_fn, lr_flag, args, desc):
+    """Gradient accumulation over `batches` (lists of micro-batches), clipping, AdamW at the learning rate
+    args.<lr_flag>; returns mean metrics. Stops before anything is saved if a loss, gradient or weight turns
+    non-finite."""
+    lr = getattr(args, lr_flag)
+    stop = f" with --{lr_flag} {lr}; nothing was saved, and the models before it are intact"
     model.train()
     model.config.use_cache = False
     model.activation_checkpointing_enable()
@@ -366,17 +439,20 @@ def train(model, batches, loss_fn, lr, args, desc):
     for i in bar:
         metrics = loss_fn(model, batches[i])
         if not torch.isfinite(metrics["loss"]):
-            fail(f"{desc}: the loss became {metrics['loss'].item()} at micro-batch {i}; saved models are intact")
+            fail(f"{desc}: the loss became {metrics['loss'].item()} at micro-batch {i}{stop}")
         group_start = i - i % args.grad_accum  # the last step may have fewer micro-batches
         (metrics["loss"] / min(args.grad_accum, len(batches) - group_start)).backward()
         if (i + 1) % args.grad_accum == 0 or i + 1 == len(batches):
-            torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+            if not torch.isfinite(torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)):
+                fail(f"{desc}: the gradients became non-finite at micro-batch {i}{stop}")
             adamw_step(params, state, learning_rate(i // args.grad_accum, total_steps, lr, args.warmup_ratio))
             model.zero_grad(set_to_none=True)
         for k, v in metrics.items():
             totals[k] = totals.get(k, 0.0) + v.item()
         count += 1
         bar.set_postfix(loss=f"{totals['loss'] / count:.4f}")
+    if not all(torch.isfinite(p).all() for p in params):  # the last step's update is seen by no loss
+        fail(f"{desc}: the weights became non-finite{stop}")
     model.eval()
     return {k: v / count for k, v in totals.items()}
 
@@ -398,21 +474,26 @@ def sft_loss(model, batch):
 
 
 def run_sft(args, tokenizer, sft_rows, judge_rows, out):
-    judge = judge_sft_examples(judge_rows, args.judge_pairs, args.seed) if args.method == "scir" else []
-    rows = sft_rows + judge
-    examples = []
-    for row in rows:
-        prompt_ids, response_ids = encode(tokenizer, row["prompt"], row["response"], row.get("answer_prefix", ""))
+    instruction = []
+    for row in sft_rows:
+        prompt_ids, response_ids = encode(tokenizer, row["prompt"], row["response"])
         if len(prompt_ids) < args.max_length - 1:  # keep the prompt whole, cut the response to fit
-            examples.append((prompt_ids, response_ids[: args.max_length - len(prompt_ids)]))
+            instruction.append((prompt_ids, response_ids[: args.max_length - len(prompt_ids)]))
+    # the judge examples' responses are cut inside the prompt, as the judge sees them; only an instruction
+    # longer than max_length on its own leaves an example out
+    judge = judge_sft_examples(tokenizer, judge_rows, args.judge_pairs, args.seed, args.max_length) \
+        if args.method == "scir" else []
+    judge_fit = [(ids, target) for ids, target in judge if len(ids) + len(target) <= args.max_length]
+    examples = instruction + judge_fit
+    skipped = len(sft_rows) - len(instruction) + len(judge) - len(judge_fit)
     if not examples:
         fail(f"every SFT prompt is longer than --max_length {args.max_length}")
     batches = [collate(b, tokenizer.pad_token_id) for epoch in range(args.sft_epochs)
                for b in micro_batches(examples, args.batch_size, args.seed + epoch)]
     model = load_model(args.model, args)
     torch.manual_seed(args.seed)  # stochastic rounding draws from it
-    summary = train(model, batches, sft_loss, args.sft_lr, args, "SFT -> M0")
-    summary.update(examples=len(examples), skipped_too_long=len(rows) - len(examples))
+    summary = train(model, batches, sft_loss, "sft_lr", args, "SFT -> M0")
+    summary.update(examples=len(examples), skipped_too_long=skipped)
     save_model(model, tokenizer, out / "M0", summary)
     del model
 
@@ -488,20 +569,25 @@ def judge_probability(logit_first, logit_second, len_first, len_second, alpha_l)
 def judge_inputs(tokenizer, instruction, response_1, response_2, max_length):
     """The 4 judge prompts of a pair as token ids ending in '[[', responses cut so each fits max_length.
 
+    A response that fits is kept whole and the other gets the room it leaves; two long ones get half each.
     Returns [(ids, y1_shown_first)] for the 4 prompts (2 templates x 2 orders, prompts.judge_prompts).
     """
-    overhead = max(len(encode(tokenizer, text, answer_prefix=ANSWER_PREFIX)) for text, _ in judge_prompts(instruction, "", ""))
-    room = max(1, (max_length - overhead) // 2)
-    response_ids = [tokenizer(r, add_special_tokens=False).input_ids for r in (response_1, response_2)]
-    while True:  # re-encoding a cut text can take a few more tokens (a character split at the cut): shrink until it fits
+    empty = judge_prompts(instruction, "", "")
+    budget = max_length - max(len(encode(tokenizer, text, answer_prefix=ANSWER_PREFIX)) for text, _ in empty)
+    texts = (response_1, response_2)
+    response_ids = [tokenizer(r, add_special_tokens=False).input_ids for r in texts]
+    rooms = [max(0, min(len(ids), max(budget // 2, budget - len(other))))
+             for ids, other in zip(response_ids, response_ids[::-1])]
+    while True:  # re-encoding a cut text can take a few more tokens: shrink the larger room until it fits
         cut = [tokenizer.decode(ids[:room]).rstrip("\ufffd") if len(ids) > room else text  # a cut splits a character
-               for ids, text in zip(response_ids, (response_1, response_2))]
+               for ids, room, text in zip(response_ids, rooms, texts)]
         inputs = [(encode(tokenizer, text, answer_prefix=ANSWER_PREFIX), id_of_response_1 == "m")
                   for text, id_of_response_1 in judge_prompts(instruction, *cut)]
         excess = max(len(ids) for ids, _ in inputs) - max_length
-        if excess <= 0 or room == 0:
+        if excess <= 0 or max(rooms) == 0:
             return inputs
-        room = max(0, room - excess)
+        larger = rooms.index(max(rooms))
+        rooms[larger] = max(0, rooms[larger] - excess)
 
 
 def identifier_logits(model, sequences, identifier_ids, pad_id):
@@ -726,7 +812,7 @@ def run_scir_training(args, tokenizer, samples, t, out, identifier_ids):
     batches = [b for epoch in range(args.epochs) for b in micro_batches(pairs, args.batch_size, args.seed + t + epoch)]
     model = load_model(out / f"M{t}", args)
     torch.manual_seed(args.seed + 1000 * t + 1)
-    summary = train(model, batches, scir_batch_loss(args, tokenizer, identifier_ids, alpha_l), args.lr, args,
+    summary = train(model, batches, scir_batch_loss(args, tokenizer, identifier_ids, alpha_l), "lr", args,
                     f"SCIR M{t} -> M{t + 1}")
     end = score_pairs(model, tokenizer, pairs, args, identifier_ids, alpha_l, f"IRM and GRM of M{t + 1}")
     trained = end if judge_length_reg(args, t + 1) == alpha_l else score_pairs(  # M_{t+1} judges with its own alpha_l
@@ -788,6 +874,44 @@ def judge_samples(model, tokenizer, samples_rows, args, seed):
     return rows
 
 
+def reward_model_tokenizer(path):
+    """The external reward model's tokenizer; it needs a chat template to put a prompt and a response in."""
+    tokenizer = load_tokenizer(path)
+    if not tokenizer.chat_template:
+        fail(f"--reward_model {path!r} has no chat template to put a prompt and a response in")
+    return tokenizer
+
+
+@torch.no_grad()
+def external_rewards(path, samples_rows, args):
+    """The external reward model's score of every sample, each (prompt, response) in its own chat template.
+
+    Left padding puts every sequence's last token at the end, where a sequence classifier reads its score;
+    transformers finds that token as the last one that is not pad_token_id, so the padding id must end none.
+    """
+    tokenizer = reward_model_tokenizer(path)
+    model = load_model(path, args, AutoModelForSequenceClassification).eval()
+    if model.config.num_labels != 1:
+        fail(f"--reward_model {path!r} has {model.config.num_labels} outputs, not the one score of a reward model")
+    sequences = [tokenizer(tokenizer.apply_chat_template(
+        [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": s["response"]}],
+        tokenize=False), add_special_tokens=False).input_ids for row in samples_rows for s in row["samples"]]
+    rewards = []
+    for start in tqdm(range(0, len(sequences), args.score_batch_size), desc=f"rewards of {path}"):
+        batch = sequences[start: start + args.score_batch_size]
+        model.config.pad_token_id = min(set(range(len(batch) + 1)) - {ids[-1] for ids in batch})
+        width = max(map(len, batch))
+        input_ids = torch.tensor([[model.config.pad_token_id] * (width - len(ids)) + ids for ids in batch])
+        attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch])
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        logits = model(input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device),
+                       position_ids=position_ids.to(model.device)).logits
+        rewards += logits[:, 0].float().tolist()
+    del model
+    n = len(samples_rows[0]["samples"])
+    return [{"id": row["id"], "rewards": rewards[j * n: (j + 1) * n]} for j, row in enumerate(samples_rows)]
+
+
 def dpo_batch_loss(args, tokenizer):
     def loss_fn(model, batch):
         """Chosen and rejected of a micro-batch stacked into one forward pass; Eq. 3 against M_t."""
@@ -815,9 +939,15 @@ def run_baseline_training(args, tokenizer, samples, t, out):
     if args.method == "irm":
         global_ = score_logps(it / "logps_global.jsonl", args.global_reference or args.model, sequences, tokenizer, args)
         rewards = [a - b for a, b in zip(local, global_)]
+    elif args.method == "external":  # the reward model is resident alone, before M_t is loaded again
+        path = it / "rewards_external.jsonl"
+        scored = cached_jsonl(path, lambda: external_rewards(args.reward_model, samples, args))
+        check_ids(path, scored, samples)
+        rewards = [value for row in scored for value in row["rewards"]]
     else:
         judged = cached_jsonl(it / "judgements.jsonl", lambda: judge_samples(
             load_model(out / f"M{t}", args), tokenizer, samples, args, args.seed + 1000 * t + 2))
+        check_ids(it / "judgements.jsonl", judged, samples)
         rewards = [score for row in judged for score in row["scores"]]
         unusable = sum(score is None for score in rewards)
     pairs, judge_scores, n = [], [], len(samples[0]["samples"])
@@ -839,15 +969,14 @@ def run_baseline_training(args, tokenizer, samples, t, out):
     global_ref = global_reference_logps(args, tokenizer, pairs, it / "logps_global_pairs.jsonl")
     batches = [b for epoch in range(args.epochs) for b in micro_batches(pairs, args.batch_size, args.seed + t + epoch)]
     model = load_model(out / f"M{t}", args)
-    if args.method == "irm":  # M_t's judge has not seen the pairs: it judges them for the analysis
+    if args.method != "srlm":  # M_t's judge has not seen the pairs: it judges them for the analysis
         path = it / "judgements_pairs.jsonl"
         judged = cached_jsonl(path, lambda: [dict(row, chosen=p["chosen"]) for row, p in zip(
             judge_samples(model, tokenizer, pairs, args, args.seed + 1000 * t + 2), pairs)])
-        if [(row["id"], row["chosen"]) for row in judged] != [(p["id"], p["chosen"]) for p in pairs]:
-            fail(f"{path} judges other pairs than this iteration's: delete it to recompute")
+        check_ids(path, judged, pairs, keys=("id", "chosen"))
         judge_scores = [row["scores"] for row in judged]
     torch.manual_seed(args.seed + 1000 * t + 1)
-    summary = train(model, batches, dpo_batch_loss(args, tokenizer), args.lr, args, f"{args.method} M{t} -> M{t + 1}")
+    summary = train(model, batches, dpo_batch_loss(args, tokenizer), "lr", args, f"{args.method} M{t} -> M{t + 1}")
     end_logps = batched_logps(model, [s for p in pairs for s in p["sequences"]], tokenizer.pad_token_id,
                               args.score_batch_size, f"IRM of M{t + 1}")
     end_judged = judge_samples(model, tokenizer, pairs, args, args.seed + 1000 * t + 3)
@@ -896,7 +1025,12 @@ def load_reward_bench(args):
     for number, row in enumerate(rows, 1):
         if row["subset"] not in known:
             fail(f"{source}: row {number}: subset {row['subset']!r} is in none of Chat, Chat Hard, Safety, Reasoning")
-    return [row for row in rows if row["chosen"].strip() and row["rejected"].strip() and row["chosen"] != row["rejected"]]
+    usable = [row for row in rows if row["chosen"].strip() and row["rejected"].strip()
+              and row["chosen"] != row["rejected"]]
+    if len(usable) < len(rows):
+        print(f"note: {len(rows) - len(usable)} RewardBench pairs with an empty side or the same text on both "
+              f"sides are left out: no reward model can label them")
+    return usable
 
 
 def reward_bench_scores(subsets, correct):
@@ -1037,17 +1171,11 @@ def parse_args(argv=None):
         for name, value in overrides.items():
             if enabled and getattr(args, name) == defaults[name]:
                 setattr(args, name, value)
-    if args.num_samples < 2:
-        fail(f"--num_samples must be at least 2 to form a pair, got {args.num_samples}")
-    for name in ("iterations", "num_prompts", "max_new_tokens", "batch_size", "grad_accum", "epochs"):
-        if getattr(args, name) < 1:
-            fail(f"--{name} must be at least 1, got {getattr(args, name)}")
-    if args.score_batch_size < 2:
-        fail(f"--score_batch_size must be at least 2 (one pair), got {args.score_batch_size}")
+    check_ranges(args)
     if args.max_length <= args.max_new_tokens:
         fail(f"--max_length {args.max_length} leaves no room for a prompt with --max_new_tokens {args.max_new_tokens}")
-    if args.method not in ("scir", "srlm", "irm"):
-        fail(f"--method must be scir, srlm or irm, got {args.method!r}")
+    if args.method not in ("scir", "srlm", "irm", "external"):
+        fail(f"--method must be scir, srlm, irm or external, got {args.method!r}")
     if args.no_consistency_loss and args.no_dcpo:
         fail("--no_consistency_loss with --no_dcpo leaves Eq. 7 empty: nothing would be trained")
     ablations = [f"--{name}" for name in ("no_consistency_loss", "no_dcpo", "single_judge_prompt", "no_adaptive_reference",
@@ -1055,16 +1183,18 @@ def parse_args(argv=None):
     if args.method != "scir" and ablations:  # the baselines' SFT has no pairwise judge examples (README)
         fail(f"{ablations[0]} belongs to --method scir; for an instruction-tuned model the baselines take --sft_epochs 0"
              if ablations[0] == "--judge_sft_only" else f"{ablations[0]} is an ablation of SCIR, not of --method {args.method}")
+    if args.method != "external" and args.reward_model != defaults["reward_model"]:
+        fail(f"--reward_model belongs to --method external, not to --method {args.method}")
     if args.sft_epochs == 0 and (args.global_reference or args.model) == args.model:
         fail("--sft_epochs 0 makes M0 the global reference itself, so P = 0.5 for every pair: pass --global_reference "
              "(the base model of Eq. 4)")
-    if not 0.5 <= args.tau < 1:
-        fail(f"--tau must be in [0.5, 1), got {args.tau}")
+    if args.judge_sft_only and (args.global_reference or args.model) == args.model:
+        print(f"scir.py: warning: the global reference of Eq. 4 is --model itself, and --judge_sft_only moves M0 "
+              f"only {args.sft_epochs} epoch(s) at lr {args.sft_lr} away from it: P stays near 0.5 and Eq. 6's mask "
+              f"rarely fires; section 4.1 uses the base model, --global_reference mistralai/Mistral-7B-v0.3",
+              file=sys.stderr)
     if args.dtype not in ("auto", "bfloat16", "float32"):
         fail(f"--dtype must be auto, bfloat16 or float32, got {args.dtype!r}")
-    for name in ("sft_epochs", "prompt_offset"):
-        if getattr(args, name) < 0:
-            fail(f"--{name} must be >= 0, got {getattr(args, name)}")
     if args.output_dir is not None and Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
         fail(f"--output_dir {args.output_dir} is a file, not a folder")
     if args.output_dir is None:
@@ -1072,25 +1202,67 @@ def parse_args(argv=None):
     return args
 
 
+# Allowed ranges, checked before anything runs
+AT_LEAST = {"iterations": 1, "num_prompts": 1, "num_samples": 2, "max_new_tokens": 1, "max_length": 2,
+            "batch_size": 1, "grad_accum": 1, "epochs": 1, "score_batch_size": 2, "judge_pairs": 1,
+            "length_reg_from": 1, "sft_epochs": 0, "sft_examples": 0, "prompt_offset": 0, "seed": 0,
+            "sft_lr": 0, "lr": 0, "alpha": 0, "length_reg": 0}
+ABOVE_ZERO = ("temperature", "beta", "max_grad_norm")
+
+
+def check_ranges(args):
+    """Every number within its range, finite, before anything runs: a one-line error names the flag."""
+    for f in fields(args):
+        value = getattr(args, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            fail(f"--{f.name} must be a finite number, got {value}")
+    for name, low in AT_LEAST.items():
+        if getattr(args, name) < low:
+            fail(f"--{name} must be at least {low}, got {getattr(args, name)}")
+    for name in ABOVE_ZERO:
+        if getattr(args, name) <= 0:
+            fail(f"--{name} must be above 0, got {getattr(args, name)}")
+    for name in ("sft_lr", "lr"):  # AdamW moves each weight by about lr a step: above 1 is a typo
+        if getattr(args, name) > 1:
+            fail(f"--{name} must be at most 1, got {getattr(args, name)}")
+    if not 0 < args.top_p <= 1:
+        fail(f"--top_p must be in (0, 1], got {args.top_p}")
+    if not 0.5 <= args.tau < 1:
+        fail(f"--tau must be in [0.5, 1), got {args.tau}")
+    if not 0 <= args.warmup_ratio < 1:
+        fail(f"--warmup_ratio must be in [0, 1), got {args.warmup_ratio}")
+
+
 AFTER_THE_FACT = ("output_dir", "eval_reward_bench")  # may change between reruns: they touch no training file
 
 
-def check_same_settings(out, args):
-    """Resuming is only sound with the settings that made the files: refuse a folder made with other ones."""
+def check_same_settings(out, args, data_sha256):
+    """Resuming is only sound with the settings and data that made the files: refuse a folder made with other ones.
+
+    A folder that holds no result yet (an earlier run stopped at its checks) takes the new settings.
+    """
     path = out / "args.json"
-    current = {k: v for k, v in asdict(args).items() if k not in AFTER_THE_FACT}
-    if path.exists():
-        saved = {f.name: f.default for f in fields(Args)} | json.loads(path.read_text())  # a flag added later: default
-        changed = [f"--{k} {saved.get(k)!r} (now {v!r})" for k, v in current.items() if saved.get(k) != v]
+    current = {k: v for k, v in asdict(args).items() if k not in AFTER_THE_FACT} | {"data_sha256": data_sha256}
+    inputs = {"args.json", ".lock", "demo-base", "demo-data"}
+    if path.exists() and any(f.name not in inputs and f.suffix != ".tmp" for f in out.iterdir()):
+        try:
+            saved = json.loads(path.read_text())
+        except ValueError:
+            saved = None
+        if not isinstance(saved, dict):
+            fail(f"{path} is damaged: delete it, and rerun the command that made the run to resume it")
+        saved = {f.name: f.default for f in fields(Args)} | {"data_sha256": data_sha256} | saved  # added later
+        changed = [f"--{k} {saved.get(k)!r} (now {v!r})" if k != "data_sha256" else "the data files changed"
+                   for k, v in current.items() if saved.get(k) != v]
         if changed:
-            fail(f"{out} holds a run made with other settings: {', '.join(changed)}; "
+            fail(f"{out} holds a run made with other settings or data: {', '.join(changed)}; "
                  f"rerun with those or use a new --output_dir")
-    Path(f"{path}.tmp").write_text(json.dumps(asdict(args), indent=1))
+    Path(f"{path}.tmp").write_text(json.dumps(asdict(args) | {"data_sha256": data_sha256}, indent=1))
     os.replace(f"{path}.tmp", path)
 
 
 METHOD_NAMES = {"scir": "Self-Consistent Internal Rewards", "srlm": "Self-Rewarding (LLM-as-a-Judge)",
-                "irm": "Self-Rewarding (Implicit Reward Model)"}
+                "irm": "Self-Rewarding (Implicit Reward Model)", "external": "External Reward Model"}
 SAMPLING_KEYS = ("response_length", "too_long", "consistency_new", "counted_new")  # of M_k's samples D_k
 TRAINING_KEYS = ("pairs", "loss", "consistency_loss", "dpo_loss", "dcpo_fraction", "consistency_rate",
                  "unusable_judgements", "consistency_trained", "counted_trained")  # how M_k was trained, on D_{k-1}
@@ -1116,12 +1288,62 @@ def final_table(args, rows):
 
 
 def main(argv=None):
+    """Parse, lock the output folder, run; an interruption or a full disk ends in one line, and a rerun resumes."""
     args = parse_args(argv)
     out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / ".lock", "a") as lock:  # "a": an existing lock file is not even touched
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when this process ends, however
+            except BlockingIOError:
+                fail(f"another run is using {out}: wait for it to end, or use another --output_dir")
+            run(args, out)
+    except KeyboardInterrupt:
+        fail("interrupted; rerun the same command to resume where it stopped")
+    except OSError as e:
+        fail(f"{e.filename or out}: {e.strerror or e}; rerun the same command to resume once that is fixed")
+
+
+def iteration_pools(tokenizer, prompt_rows, per_iteration, args):
+    """Each iteration's fresh prompts, without those too long to sample -> [(pool, number left out)]."""
+    pools = []
+    for t in range(args.iterations):
+        pool, too_long = [], 0
+        for j, row in enumerate(prompt_rows[t * per_iteration: (t + 1) * per_iteration]):
+            if len(encode(tokenizer, row["prompt"])) > args.max_length - args.max_new_tokens:
+                too_long += 1
+            else:
+                pool.append({"id": f"{t + 1}-{j}", "prompt": row["prompt"]})
+        if not pool:
+            fail(f"every prompt of iteration {t + 1} is longer than --max_length - --max_new_tokens")
+        pools.append((pool, too_long))
+    return pools
+
+
+def check_models(args, tokenizer):
+    """Before SFT: the tokenizer fits every model of the run, and the judge's template fits --max_length."""
+    check_vocabulary(args.model, tokenizer, "--model")
+    if args.global_reference not in (None, args.model):
+        check_vocabulary(args.global_reference, tokenizer, "--global_reference")
+        if load_tokenizer(args.global_reference).get_vocab() != tokenizer.get_vocab():
+            fail(f"--global_reference {args.global_reference!r} has another tokenizer than --model: Eq. 4 needs "
+                 f"both to score the same token ids")
+    if args.method == "external":
+        reward_model_tokenizer(args.reward_model)
+    templates = [text for text, _ in judge_prompts("", "", "")] if args.method == "scir" else [fill_pointwise("", "")]
+    overhead = max(len(encode(tokenizer, text, answer_prefix=ANSWER_PREFIX)) for text in templates)
+    if args.max_length < overhead + 2:
+        fail(f"--max_length {args.max_length} cannot hold the judge prompt: its template alone takes {overhead} "
+             f"tokens")
+
+
+def run(args, out):
+    """Checks, SFT, the iterations, the analyses and the final table, in out."""
     if args.demo:
         args.model, args.data_dir = build_demo(out)
     sft_rows, judge_rows, prompt_rows = load_data(args)  # validated before any model is loaded
+    data_sha256 = hashlib.sha256(json.dumps([sft_rows, judge_rows, prompt_rows]).encode()).hexdigest()
     bench_rows = load_reward_bench(args) if args.eval_reward_bench else None
     random.Random(args.seed).shuffle(prompt_rows)
     prompt_rows = prompt_rows[args.prompt_offset:]  # the shuffle is the same for every run with this --seed
@@ -1136,31 +1358,28 @@ def main(argv=None):
         identifier_ids = identifier_token_ids(tokenizer)
     except ValueError as e:
         fail(str(e))
-    check_same_settings(out, args)  # from here on files are written
+    check_models(args, tokenizer)
+    pools = iteration_pools(tokenizer, prompt_rows, per_iteration, args)
+    bench = reward_bench_pairs(tokenizer, bench_rows, args) if args.eval_reward_bench else None
+    check_same_settings(out, args, data_sha256)  # from here on files are written
 
-    if not (out / "M0").exists():
+    if not model_ready(out / "M0"):
+        if args.global_reference not in (None, args.model):  # loaded and freed: a damaged one stops us before SFT
+            load_model(args.global_reference, args)
         if args.sft_epochs == 0:  # no SFT: M0 is the model as given
             save_model(load_model(args.model, args), tokenizer, out / "M0", {"sft": "skipped"})
         else:
             run_sft(args, tokenizer, sft_rows, judge_rows, out)
 
-    bench = reward_bench_pairs(tokenizer, bench_rows, args) if args.eval_reward_bench else None
     new_row = lambda k, summary: ({"model": f"M{k}", "iteration": k} | dict.fromkeys(SAMPLING_KEYS)
                                   | {key: summary.get(key) for key in TRAINING_KEYS})  # baselines: no P/Q analysis
     rows = [new_row(0, {})]  # one row per model M_k, as in the paper's tables
-    for t in range(args.iterations):  # iteration t + 1 trains M_t into M_{t+1}
+    for t, (pool, too_long) in enumerate(pools):  # iteration t + 1 trains M_t into M_{t+1}
         it = out / f"iter{t + 1}"
         it.mkdir(exist_ok=True)
-        pool, too_long = [], 0
-        for j, row in enumerate(prompt_rows[t * per_iteration: (t + 1) * per_iteration]):  # fresh prompts
-            if len(encode(tokenizer, row["prompt"])) > args.max_length - args.max_new_tokens:
-                too_long += 1
-            else:
-                pool.append({"id": f"{t + 1}-{j}", "prompt": row["prompt"]})
-        if not pool:
-            fail(f"every prompt of iteration {t + 1} is longer than --max_length - --max_new_tokens")
         samples = cached_jsonl(it / "samples.jsonl", lambda: run_sampling(args, tokenizer, pool, t, out))
-        if not (out / f"M{t + 1}").exists():
+        check_ids(it / "samples.jsonl", samples, pool, keys=("id", "prompt"))
+        if not model_ready(out / f"M{t + 1}"):
             if args.method == "scir":
                 run_scir_training(args, tokenizer, samples, t, out, identifier_ids)
             else:

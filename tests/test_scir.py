@@ -590,26 +590,57 @@ JUDGE_ROWS = [  # (prompt, chosen, rejected)
 ]
 
 
-def test_judge_sft_examples():
+def test_judge_sft_examples(tok):
     rows = [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in JUDGE_ROWS]
-    examples = scir.judge_sft_examples(rows, 2, seed=3)
+    examples = scir.judge_sft_examples(tok, rows, 2, 3, 700)
     assert len(examples) == 8
+    bracket = tok("[[", add_special_tokens=False).input_ids
     used = set()
     for k in range(0, 8, 4):
-        group = examples[k: k + 4]
-        row = next(r for r in rows if r["prompt"] in group[0]["prompt"])
+        group = [(tok.decode(ids), tok.decode(target)) for ids, target in examples[k: k + 4]]
+        row = next(r for r in rows if r["prompt"] in group[0][0])
         used.add(row["prompt"])
-        for n, example in enumerate(group):
-            text = example["prompt"]
-            assert row["prompt"] in text
-            # which template: 0, 0, 1, 1
-            assert text.startswith(prompts.PAIRWISE_JUDGE_TEMPLATES[n // 2][:60])
+        for n, (text, target) in enumerate(group):
+            ids = examples[k + n][0]
+            assert ids[-len(bracket):] == bracket  # the prompt ends where the judge is read
+            assert text.startswith(prompts.chat_prompt(tok, prompts.PAIRWISE_JUDGE_TEMPLATES[n // 2][:60])[:60])
             chosen_first = text.index(row["chosen"]) < text.index(row["rejected"])
             assert chosen_first == (n % 2 == 0)  # the order alternates
-            # the target after the prompt: '[[m]]' or '[[M]]' (the '[[' may be kept with the prompt)
-            assert example.get("answer_prefix", "") + example["response"] == ("[[m]]" if chosen_first else "[[M]]")
+            assert target == ("m]]" if chosen_first else "M]]") + tok.eos_token  # names the chosen response
     assert len(used) == 2
-    assert len(scir.judge_sft_examples(rows, 10, seed=3)) == 4 * len(rows)  # never more pairs than exist
+    assert len(scir.judge_sft_examples(tok, rows, 10, 3, 700)) == 4 * len(rows)  # never more pairs than exist
+
+
+def test_judge_sft_examples_cut_long_responses_instead_of_dropping_them(tok):
+    """Issue 10: a judge pair too long for --max_length was dropped from SFT; it is cut as the judge's own
+    prompts are cut, so all 4 examples stay, each within max_length with its target."""
+    chosen = " ".join(f"fox{k}" for k in range(400))  # ~1,200 tokens
+    rows = [{"prompt": "Describe the fox.", "chosen": chosen, "rejected": "Short answer."}]
+    for max_length in (330, 517):
+        examples = scir.judge_sft_examples(tok, rows, 1, 0, max_length)
+        assert len(examples) == 4
+        for n, (ids, target) in enumerate(examples):
+            assert len(ids) + len(target) <= max_length
+            text = tok.decode(ids)
+            assert "Short answer." in text and "fox0 fox1" in text and chosen not in text
+            assert tok.decode(target) == ("m]]" if n % 2 == 0 else "M]]") + tok.eos_token
+
+
+def test_judge_inputs_give_the_long_response_what_the_short_one_leaves(tok):
+    """Issue 10: each response got half the room even when the other was short. Now the short one is kept
+    whole and the long one fills the rest, so the prompt reaches max_length (re-encoding may leave a token)."""
+    x, y_short = "Describe the fox.", "Short answer."
+    y_long = " ".join(f"fox{k}" for k in range(400))
+    overhead = max(len(tok(prompts.chat_prompt(tok, text) + "[[", add_special_tokens=False).input_ids)
+                   for text, _ in prompts.judge_prompts(x, "", ""))
+    short_tokens = len(tok(y_short, add_special_tokens=False).input_ids)
+    for max_length in (330, 400, 517):
+        assert (max_length - overhead) // 2 > short_tokens + 20  # the old half split would stop well short
+        for y1, y2 in ((y_long, y_short), (y_short, y_long)):
+            inputs = scir.judge_inputs(tok, x, y1, y2, max_length)
+            assert max(len(ids) for ids, _ in inputs) >= max_length - 3
+            for ids, _ in inputs:
+                assert len(ids) <= max_length and y_short in tok.decode(ids)
 
 
 # ------------------------------------------------------------------------------------------------------------------
