@@ -51,7 +51,8 @@ class Args:
     max_new_tokens: int = HfArg(default=768, help="longest sampled response (official code)")
     max_length: int = HfArg(default=2048, help=(
         "longest prompt + response in tokens; longer prompts are skipped and counted (official code: 2048)"))
-    sft_epochs: int = HfArg(default=3, help="SFT epochs for M0 -> M1 (section 4.1; official code: 5)")
+    sft_epochs: int = HfArg(default=3, help=(
+        "SFT epochs for M0 -> M1 (section 4.1; official code: 5); 0 only with --method p-srlm"))
     sft_lr: float = HfArg(default=1e-6, help="SFT learning rate (section 4.1; official code: 5e-6)")
     epochs: int = HfArg(default=1, help="preference-training epochs per iteration (section 4.1)")
     lr: float = HfArg(default=1e-6, help="preference-training learning rate (section 4.1)")
@@ -68,7 +69,8 @@ class Args:
         "'dataset': one C for every pair (Algorithm 1 line 11); 'pair': each pair its own (tau+1)/2 (official "
         "'dyn')"))
     consistency_measure: str = HfArg(default="kendall", help=(
-        "per-prompt agreement averaged into C: 'kendall' (Eq. 3.10), 'spearman' or 'toporder' (Table 4)"))
+        "per-prompt agreement averaged into C: 'kendall' (Eq. 3.10), 'spearman' or 'toporder' "
+        "(Table 4; chance-corrected, so chance agreement gives C = 0.5 as for the other two)"))
     evaluate: bool = HfArg(default=False, help=(
         "score M0..M_T+1 on the test sets of ARC-Easy/Challenge, OpenBookQA, SIQA, GSM8K: greedy, exact match (Table 1)"))
     eval_limit: int = HfArg(default=None, help="score only the first N questions of each task")
@@ -496,11 +498,36 @@ def consistency_rate(taus):
     return sum((tau + 1) / 2 for tau in taus) / len(taus)
 
 
+def top_order_consistency(top_order_rate, n):
+    """TopOrder rate T of N responses -> C = (1 + kappa) / 2, kappa = (T - p0) / (1 - p0).
+
+    p0 = 1 / (N (N - 1)) is the chance that unrelated rankings share the best and the worst
+    response: chance agreement gives C = 0.5, full agreement C = 1, as line 11's (tau + 1) / 2 does.
+    """
+    p0 = 1 / (n * (n - 1))
+    return (1 + (top_order_rate - p0) / (1 - p0)) / 2
+
+
 def measured_consistency(reward_rows, measure):
-    """Line 11 with the measures of Table 4: mean (tau+1)/2, mean (rho+1)/2, or the share of TopOrder agreements."""
+    """Line 11 with Table 4's measures: mean (tau+1)/2, mean (rho+1)/2 or corrected TopOrder."""
     if measure == "toporder":
-        return sum(row["top_order"] for row in reward_rows) / len(reward_rows)
+        values = [top_order_consistency(row["top_order"], len(row["r"])) for row in reward_rows]
+        return sum(values) / len(values)
     return consistency_rate([row["tau" if measure == "kendall" else "spearman"] for row in reward_rows])
+
+
+def reversal_warning(t, pairs, scope):
+    """Pairs with C < 0.5 -> a warning line for iteration t, or None (line 14 weights L_RDPO more).
+
+    Theorem 3.3's C = (1 + lambda) / (1 + 2 lambda) is never below 0.5; line 11's C can be.
+    """
+    below = [pair["consistency"] for pair in pairs if pair["consistency"] < 0.5]
+    if not below:
+        return None
+    what = f"C = {below[0]:.4f} < 0.5" if scope == "dataset" else (
+        f"{len(below)} of {len(pairs)} pairs have their own C < 0.5")
+    return (f"cream.py: warning: iteration {t}: {what}, so line 14 weights the reversed pair more: "
+            f"training moves toward the responses M{t} ranks worse (README: 'C below 0.5')")
 
 
 def rewards_and_consistency(samples_rows, logps_t, logps_prev, logps_0, t):
@@ -616,7 +643,12 @@ def run_preference_training(args, tokenizer, pairs, t, out):
 # Only test questions get this line; the prompt pool D_U keeps the bare questions, as the paper builds it
 EVAL_SUFFIX = {"choice": "\n\nEnd your reply with 'Answer: X', where X is the letter of the correct option.",
                "number": "\n\nSolve it step by step and end your reply with 'Answer: N', where N is the final number."}
-NUMBER = r"-?\d[\d,]*(?:\.\d+)?"
+NUMBER = r"-?(?:\d[\d,]*(?:\.\d+)?|\.\d+)"  # '.5' too
+# 'Answer:', 'Answer =', 'Answer -', 'answer is', '**Answer:**'; not 'Answer A would be wrong'
+STATED = r"(?i:answer)\**(?:\s*[:=-]|\s+(?i:is)\b)[\s:*]*"
+BOXED = r"\$?\\boxed\{"
+# '7 + 3 = ' before the number: the answer is the number after the last '='
+EXPRESSION = r"(?:[-+*/×÷()\d,$](?:[-+*/×÷()\d,$ \t]|\.(?=\d))*=[ \t]*)*"
 
 
 def answer_kind(answer):
@@ -626,20 +658,25 @@ def answer_kind(answer):
 def extract_answer(reply, kind):
     """The answer a reply gives: a letter A-E or a number without commas; None if it gives none.
 
-    Letters are read from 'Answer: X' / 'answer is (X)' / '**Answer:** X', then '(X)', then a reply that is only 'X'
-    or 'X.', and only in upper case: the English word 'a' is never an answer (anchors #6). Numbers from '#### N', then
-    'Answer: N' / '**Answer:** N' / 'Answer = N' / 'Answer - N', then the last number in the reply.
+    Letters from a statement ('Answer: X', 'answer is (X)', '**Answer:** X', 'Answer: [X]',
+    'Answer: \\boxed{X}'), then '\\boxed{X}', then '(X)', then a reply that is only 'X' or 'X.'.
+    Only upper case: the English word 'a' is never an answer (anchors #6). A statement needs a
+    separator after 'answer' (':', '=', '-', 'is'): 'Answer A would be wrong' is a mention.
+    Numbers from '#### N', then 'Answer: N' ('**Answer:** N', 'Answer = N', 'Answer - N',
+    'Answer: \\boxed{N}', and 'Answer: 7 + 3 = N' gives N), then '\\boxed{N}', then the last number.
     """
     if kind == "choice":
-        stated = re.findall(r"(?i:answer)(?:\s*(?i:is))?[\s:*-]*(?:(?i:option)\s*)?\(?\**([A-E])\b(?![.]?[a-z])"
-                            r"(?:\**\)?\s+(?:or|and)\s+\(?\**([A-E])\b)?", reply)
+        stated = re.findall(STATED + rf"(?:(?i:option)\s*)?[\[(]?\**(?:{BOXED})?([A-E])\b"
+                            r"(?![.]?[a-z])(?:[*\])}]*\s+(?:or|and)\s+[\[(]?\**([A-E])\b)?", reply)
         if stated:  # 'Answer: **B**', 'the answer is option C'; 'Answer: B or C' hedges, and answers nothing
             first, alternative = stated[-1]
             return first if not alternative or alternative == first else None
-        patterns = [r"\(([A-E])\)", r"^\s*\**([A-E])\**[.)]?\s*$"]
-    else:
+        patterns = [r"\\boxed\{([A-E])\}", r"\(([A-E])\)", r"^\s*\**([A-E])\**[.)]?\s*$"]
+    else:  # 'Answer - 18': a dash; 'Answer: -18': a sign
         patterns = [rf"####\s*\$?({NUMBER})",
-                    rf"(?i:answer)(?:\s*(?i:is))?[\s:*=]*(?:-\s+)?\$?\**({NUMBER})",  # '- 18' a dash, '-18' a sign
+                    rf"(?i:answer)(?:\s*(?i:is))?[\s:*=]*(?:-\s+)?\$?\**(?:{BOXED})?{EXPRESSION}"
+                    rf"\$?({NUMBER})",
+                    rf"\\boxed\{{\s*\$?({NUMBER})\s*\}}",
                     rf"({NUMBER})"]
     for pattern in patterns:
         found = re.findall(pattern, reply)
@@ -751,6 +788,10 @@ def parse_args(argv=None):
         fail(f"--dtype must be auto, bfloat16 or float32, got {args.dtype!r}")
     if args.sft_epochs < 0 or args.epochs < 1:
         fail("--sft_epochs must be >= 0 and --epochs >= 1")
+    if args.sft_epochs == 0 and args.method != "p-srlm":
+        fail(f"--sft_epochs 0 with --method {args.method}: M1 would be M0, so "
+             f"r = log pi_1 - log pi_0 = 0 for every sample (Eq. 3.9), every prompt ties and "
+             f"iteration 1 has no pair; use --sft_epochs >= 1")
     if args.output_dir is not None and Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
         fail(f"--output_dir {args.output_dir} is a file, not a folder")
     if args.output_dir is None:
@@ -850,7 +891,7 @@ def main(argv=None):
     check_same_settings(out, args)  # from here on files are written
 
     if not (out / "M1").exists():  # Algorithm 1 line 2
-        if args.sft_epochs == 0:  # no SFT: M1 is M0 as given
+        if args.sft_epochs == 0:  # p-srlm only (parse_args): M1 is M0 as given
             save_model(load_model(args.model, args), tokenizer, out / "M1", {"sft": "skipped"})
         else:
             run_sft(args, tokenizer, sft_rows, out)
@@ -895,6 +936,9 @@ def main(argv=None):
         if not pairs:
             fail(f"iteration {t}: no prompt has two responses with different rewards, no pair to train on"
                  + (f" ({unusable} judgements gave no score)" if unusable else ""))
+        warning = reversal_warning(t, pairs, scope)
+        if warning:
+            print(warning, file=sys.stderr)
         if not (out / f"M{t + 1}").exists():  # line 14
             run_preference_training(args, tokenizer, pairs, t, out)
         summary = json.loads((out / f"M{t + 1}" / "training_summary.json").read_text())

@@ -76,10 +76,11 @@ def test_single_judge_prompt_reads_one_prompt_only(monkeypatch, tiny_tokenizer):
 @pytest.mark.parametrize("measure, expected", [
     ("kendall", ((0.5 + 1) / 2 + (-1 + 1) / 2) / 2),
     ("spearman", ((0.8 + 1) / 2 + (-1 + 1) / 2) / 2),
-    ("toporder", (1.0 + 0.0) / 2),
+    ("toporder", (1.0 + 0.4) / 2),  # N = 3, chance 1/6: T = 1 -> 1; T = 0 -> kappa = -1/5, C = 0.4
 ])
 def test_measured_consistency_hand_worked(measure, expected):
-    rows = [{"tau": 0.5, "spearman": 0.8, "top_order": 1.0}, {"tau": -1.0, "spearman": -1.0, "top_order": 0.0}]
+    rows = [{"tau": 0.5, "spearman": 0.8, "top_order": 1.0, "r": [1.0, 2.0, 3.0]},
+            {"tau": -1.0, "spearman": -1.0, "top_order": 0.0, "r": [1.0, 2.0, 3.0]}]
     assert cream.measured_consistency(rows, measure) == pytest.approx(expected)
 
 
@@ -105,8 +106,9 @@ def brute_top_order(x, y):
     (["--method", "srlm"], lambda rows: 1.0),
     (["--consistency_measure", "spearman"],
      lambda rows: sum((brute_spearman(r["r"], r["r_prev"]) + 1) / 2 for r in rows) / len(rows)),
-    (["--consistency_measure", "toporder"],
-     lambda rows: sum(brute_top_order(r["r"], r["r_prev"]) for r in rows) / len(rows)),
+    (["--consistency_measure", "toporder"],  # N = 3: chance agreement 1/6 maps to 0.5, full to 1
+     lambda rows: sum(1 + (brute_top_order(r["r"], r["r_prev"]) - 1 / 6) / (5 / 6) for r in rows)
+     / len(rows) / 2),
 ])
 def test_cream_variants_through_the_cli(flags, expected, tmp_path, tiny_model_dir, data_dir, run_script):
     out = tmp_path / "run"
@@ -506,7 +508,7 @@ def test_scir_irm_baseline_analysis_uses_the_pointwise_judge(monkeypatch, tmp_pa
     with pytest.raises(SystemExit) as exit_info:
         scir.main(["--model", tiny_model_dir, "--data_dir", data_dir, "--output_dir", str(out), "--method", "irm",
                    *map(str, SCIR_SMALL), "--num_samples", "3"])
-    assert "judgements_pairs.jsonl judges other pairs than this iteration's" in str(exit_info.value.code)
+    assert "judgements_pairs.jsonl does not match this run's data or its earlier steps" in str(exit_info.value.code)
 
 
 def assert_pairs_follow_patched_scores(out):
@@ -800,11 +802,91 @@ def test_a_run_made_before_a_flag_existed_resumes_with_its_default(tmp_path):
     from dataclasses import asdict
 
     args = scir.parse_args(["--model", "m", "--output_dir", str(tmp_path)])
-    older = {k: v for k, v in asdict(args).items() if k != "prompt_offset"}
+    older = {k: v for k, v in asdict(args).items() if k != "prompt_offset"}  # and no data_sha256 either
     (tmp_path / "args.json").write_text(json.dumps(older))
-    scir.check_same_settings(tmp_path, args)
+    (tmp_path / "M0").mkdir()  # a result: the settings are compared
+    scir.check_same_settings(tmp_path, args, "hash")
     assert json.loads((tmp_path / "args.json").read_text())["prompt_offset"] == 0
     (tmp_path / "args.json").write_text(json.dumps(dict(older, beta=0.5)))
     with pytest.raises(SystemExit) as exit_info:
-        scir.check_same_settings(tmp_path, args)
+        scir.check_same_settings(tmp_path, args, "hash")
     assert "--beta 0.5 (now 0.1)" in str(exit_info.value.code)
+
+
+# --- Issue 10: C below 0.5, --sft_epochs 0, and more answers the extractor reads ---
+
+
+@pytest.mark.parametrize("scope, taus", [("dataset", [-0.2]), ("pair", [-0.5, 0.5, -1.0, 1.0])])
+def test_cream_warns_when_c_is_below_one_half(scope, taus, monkeypatch, capsys, tmp_path,
+                                              tiny_model_dir, data_dir):
+    """Kendall tau patched (prompt k gets taus[k % len]): dataset C = (1 - 0.2) / 2 = 0.4, or per
+    pair (tau + 1) / 2 = 0.25, 0.75, 0, 1. Line 14 then trains toward the worse response: warn."""
+    calls = []
+
+    def patched_tau(x, y):
+        calls.append(None)
+        return taus[(len(calls) - 1) % len(taus)]
+    monkeypatch.setattr(cream, "kendall_tau", patched_tau)
+    out = tmp_path / "run"
+    cream.main(["--model", tiny_model_dir, "--data_dir", data_dir, "--output_dir", str(out),
+                *map(str, CREAM_SMALL), "--consistency_scope", scope])
+    err = capsys.readouterr().err
+    warnings = [line for line in err.splitlines() if "cream.py: warning:" in line]
+    pairs = read_jsonl(out / "iter1" / "pairs.jsonl")
+    assert len(warnings) == 1, warnings
+    if scope == "dataset":
+        assert all(pair["consistency"] == pytest.approx(0.4) for pair in pairs)
+        assert warnings[0].startswith("cream.py: warning: iteration 1: C = 0.4000 < 0.5")
+    else:
+        below = sum(pair["consistency"] < 0.5 for pair in pairs)
+        assert below >= 1
+        assert f"iteration 1: {below} of {len(pairs)} pairs have their own C < 0.5" in warnings[0]
+
+
+@pytest.mark.parametrize("method", ["cream", "srlm"])
+def test_cream_sft_epochs_0_is_refused_for_dpo_rewards(method):
+    with pytest.raises(SystemExit) as exit_info:
+        cream.parse_args(["--method", method, "--sft_epochs", "0"])
+    message = str(exit_info.value.code)
+    assert message.startswith("cream.py: error: --sft_epochs 0") and "\n" not in message
+    assert f"--method {method}" in message and "no pair" in message
+
+
+def test_cream_sft_epochs_0_is_allowed_for_p_srlm():
+    """P-SRLM ranks by the judge's scores, which do not vanish when M1 is M0."""
+    assert cream.parse_args(["--method", "p-srlm", "--sft_epochs", "0"]).sft_epochs == 0
+
+
+@pytest.mark.parametrize("reply, expected", [
+    ("Answer: \\boxed{B}", "B"),
+    ("Answer: [B]", "B"),
+    ("\\boxed{B}", "B"),
+    ("So the option is $\\boxed{C}$.", "C"),
+    ("Answer: B\n\n(Answer A would be wrong.)", "B"),   # a mention of A, not a statement
+    ("Answer A would be wrong.", None),
+    ("**Answer**: D", "D"),
+    ("The answer is: E", "E"),
+    ("Answer: a", None),                                # still never the word 'a'
+    ("Answer: [B] or [C]", None),                       # a hedge
+])
+def test_extract_choice_boxed_brackets_and_mentions(reply, expected):
+    assert cream.extract_answer(reply, "choice") == expected
+
+
+@pytest.mark.parametrize("reply, expected", [
+    ("Answer: 7 + 3 = 10", "10"),                       # the number after the last '='
+    ("Answer: 2 * (3 + 4) = 14 apples", "14"),
+    ("Answer: 1,000 + 2,000 = 3,000", "3000"),
+    ("Answer: 3. Then 2 + 2 = 4", "3"),                 # a later sentence is no expression
+    ("Answer: 5\n3 + 4 = 7", "5"),                      # nor is the next line
+    ("Answer: \\boxed{10}", "10"),
+    ("The total is \\boxed{42}, 7 more than 35.", "42"),  # boxed before the last number
+])
+def test_extract_number_expressions_and_boxed(reply, expected):
+    assert cream.extract_answer(reply, "number") == expected
+
+
+def test_extract_number_without_a_leading_zero():
+    extracted = cream.extract_answer("Answer: .5", "number")
+    assert cream.is_correct(extracted, "0.5") and not cream.is_correct(extracted, "5")
+    assert cream.is_correct(cream.extract_answer("Answer: -.25", "number"), "-0.25")

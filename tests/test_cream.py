@@ -187,6 +187,56 @@ def test_consistency_rate_hand_worked():
     assert cream.consistency_rate([-1.0, -1.0]) == pytest.approx(0.0)
 
 
+@pytest.mark.parametrize("rate, n, expected", [
+    (1 / 20, 5, 0.5),      # chance: p0 = 1 / (5 * 4), kappa = 0
+    (1.0, 5, 1.0),         # every prompt agrees on best and worst
+    (1.0, 3, 1.0),
+    (0.5, 3, 0.7),         # p0 = 1/6: kappa = (1/2 - 1/6) / (5/6) = 2/5, C = 7/10
+    (0.5, 5, 14 / 19),     # kappa = (0.5 - 0.05) / 0.95 = 9/19, C = 14/19
+    (0.0, 2, 0.0),         # N = 2: p0 = 1/2, TopOrder is tau's sign, C = (tau + 1) / 2
+])
+def test_top_order_consistency_hand_values(rate, n, expected):
+    assert cream.top_order_consistency(rate, n) == pytest.approx(expected, abs=1e-12)
+
+
+def test_top_order_consistency_is_one_half_at_chance_by_enumeration():
+    """Issue 10: every pair of rankings of N = 4 responses once, i.e. unrelated rankings. TopOrder
+    agrees in 1/12 of them (the raw rate would train with C = 0.08); corrected C is 0.5 as tau's."""
+    import itertools
+
+    rows = []
+    for x in itertools.permutations(range(4)):
+        for y in itertools.permutations(range(4)):
+            top = float(first_argmax(x) == first_argmax(y) and first_argmin(x) == first_argmin(y))
+            rows.append({"r": list(x), "top_order": top, "tau": brute_kendall(x, y)})
+    assert sum(row["top_order"] for row in rows) / len(rows) == pytest.approx(1 / 12)
+    assert cream.measured_consistency(rows, "toporder") == pytest.approx(0.5, abs=1e-12)
+    assert cream.measured_consistency(rows, "kendall") == pytest.approx(0.5, abs=1e-12)
+
+
+def test_top_order_consistency_with_two_responses_equals_kendall():
+    """N = 2: two rankings agree on best and worst iff tau = 1, so both measures give the same C."""
+    rows = [{"r": [1.0, 2.0], "top_order": 1.0, "tau": 1.0},
+            {"r": [1.0, 2.0], "top_order": 0.0, "tau": -1.0},
+            {"r": [3.0, 2.0], "top_order": 1.0, "tau": 1.0}]
+    assert cream.measured_consistency(rows, "toporder") == pytest.approx(2 / 3)
+    assert cream.measured_consistency(rows, "kendall") == pytest.approx(2 / 3)
+
+
+def test_reversal_warning_hand_cases():
+    """Issue 10: C < 0.5 makes line 14 weight the reversed pair more; a warning names the C, or per
+    pair the number of pairs below 0.5 (here 0.2 and 0.4 of four); C >= 0.5 warns nothing."""
+    dataset = cream.reversal_warning(1, [{"consistency": 0.43}] * 3, "dataset")
+    assert dataset.startswith("cream.py: warning: iteration 1: C = 0.4300 < 0.5")
+    assert "\n" not in dataset and "M1 ranks worse" in dataset and "C below 0.5" in dataset
+    per_pair = cream.reversal_warning(2, [{"consistency": c} for c in (0.2, 0.6, 0.4, 0.5)], "pair")
+    assert per_pair.startswith(
+        "cream.py: warning: iteration 2: 2 of 4 pairs have their own C < 0.5")
+    assert "M2 ranks worse" in per_pair
+    assert cream.reversal_warning(1, [{"consistency": 0.5}] * 2, "dataset") is None
+    assert cream.reversal_warning(1, [{"consistency": c} for c in (0.5, 0.9, 1.0)], "pair") is None
+
+
 # --- 4-6: Theorem 3.3, Lemma 3.4, soft DPO loss ---
 
 
@@ -424,6 +474,19 @@ def test_rewards_and_consistency_hand_numbers():
     assert second[0]["top_order"] == 0.0  # best 0 vs 0, worst 1 vs 2
     assert second[1]["top_order"] == 1.0  # best 1 and worst 2 under both
     assert second[0]["spearman"] == pytest.approx(0.5, abs=1e-6)  # ranks [3,1,2] vs [3,2,1]: 1 - 6*2/24
+
+
+def test_identical_samples_tie_in_both_rankings_and_count_zero():
+    """Issue 10: identical samples get the same log-probs under every model: a tie in both rankings.
+    Tau-a (Eq. 3.10) counts that pair 0: r = [1, 1, 0] vs r' = [-11, -11, -12] has (1,2) tied, (1,3)
+    and (2,3) concordant -> 2/3, C = 5/6. scipy on ordinal ranks (official code) would say 1."""
+    row = sample_row("a", ["same", "same", "other"])
+    row["samples"][1]["token_ids"] = row["samples"][0]["token_ids"]
+    logps_t, logps_0 = [-10.0, -10.0, -12.0], [-11.0, -11.0, -12.0]
+    (rewards,) = cream.rewards_and_consistency([row], logps_t, None, logps_0, t=1)
+    assert rewards["r"] == [1.0, 1.0, 0.0] and rewards["r_prev"] == [-11.0, -11.0, -12.0]
+    assert rewards["tau"] == pytest.approx(2 / 3)
+    assert cream.measured_consistency([rewards], "kendall") == pytest.approx(5 / 6)
 
 
 # --- 11-12: stochastic rounding and AdamW (anchors defect 4, memory.md), learning-rate schedule ---
@@ -788,8 +851,16 @@ def case_offline_without_data_dir(tmp_path, model, data):
     return ["--model", model], ["oasst1", "--data_dir"], {"HF_HOME": str(tmp_path / "hf-home")}
 
 
-BAD_INPUT_CASES = [case_missing_model, case_model_without_weights, case_missing_data_dir, case_malformed_jsonl,
-                   case_missing_field, case_empty_prompts, case_one_sample, case_offline_without_data_dir]
+def case_no_sft(tmp_path, model, data):
+    """Issue 10: M1 = M0 makes every reward log pi_1 - log pi_0 zero, so iteration 1 has no pair."""
+    path = tmp_path / "no-such-model"  # refused before any model is looked for
+    argv = ["--model", path, "--data_dir", data, "--sft_epochs", 0]
+    return argv, ["--sft_epochs 0", "Eq. 3.9"], {}
+
+
+BAD_INPUT_CASES = [case_missing_model, case_model_without_weights, case_missing_data_dir,
+                   case_malformed_jsonl, case_missing_field, case_empty_prompts, case_one_sample,
+                   case_offline_without_data_dir, case_no_sft]
 
 
 @pytest.fixture(scope="module")
