@@ -13,7 +13,6 @@ section 3.3, length-regularised), the consistency loss (Eq. 6) and DPO on the pa
 with the adaptive reference of Appendix A.
 """
 
-import fcntl
 import hashlib
 import json
 import logging
@@ -428,7 +427,7 @@ def train(model, batches, loss_fn, lr_flag, args, desc):
     args.<lr_flag>; returns mean metrics. Stops before anything is saved if a loss, gradient or weight turns
     non-finite."""
     lr = getattr(args, lr_flag)
-    stop = f" with --{lr_flag} {lr}; nothing was saved, and the models before it are intact"
+    stop = f" with --{lr_flag} {lr}; nothing was saved, and the models before it are intact (README)"
     model.train()
     model.config.use_cache = False
     model.activation_checkpointing_enable()
@@ -891,17 +890,16 @@ def external_rewards(path, samples_rows, args):
     """
     tokenizer = reward_model_tokenizer(path)
     model = load_model(path, args, AutoModelForSequenceClassification).eval()
-    if model.config.num_labels != 1:
-        fail(f"--reward_model {path!r} has {model.config.num_labels} outputs, not the one score of a reward model")
     sequences = [tokenizer(tokenizer.apply_chat_template(
         [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": s["response"]}],
         tokenize=False), add_special_tokens=False).input_ids for row in samples_rows for s in row["samples"]]
     rewards = []
     for start in tqdm(range(0, len(sequences), args.score_batch_size), desc=f"rewards of {path}"):
         batch = sequences[start: start + args.score_batch_size]
-        model.config.pad_token_id = min(set(range(len(batch) + 1)) - {ids[-1] for ids in batch})
+        pad_id = min(set(range(len(batch) + 1)) - {ids[-1] for ids in batch})
+        model.config.get_text_config().pad_token_id = pad_id
         width = max(map(len, batch))
-        input_ids = torch.tensor([[model.config.pad_token_id] * (width - len(ids)) + ids for ids in batch])
+        input_ids = torch.tensor([[pad_id] * (width - len(ids)) + ids for ids in batch])
         attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch])
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         logits = model(input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device),
@@ -1198,7 +1196,8 @@ def parse_args(argv=None):
     if args.output_dir is not None and Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
         fail(f"--output_dir {args.output_dir} is a file, not a folder")
     if args.output_dir is None:
-        args.output_dir = "runs/scir-demo" if args.demo else f"runs/scir-{Path(args.model).name}"
+        method = "" if args.method == "scir" else f"{args.method}-"  # a baseline never shares SCIR's folder
+        args.output_dir = f"runs/scir-{method}{'demo' if args.demo else Path(args.model).name}"
     return args
 
 
@@ -1243,8 +1242,9 @@ def check_same_settings(out, args, data_sha256):
     """
     path = out / "args.json"
     current = {k: v for k, v in asdict(args).items() if k not in AFTER_THE_FACT} | {"data_sha256": data_sha256}
-    inputs = {"args.json", ".lock", "demo-base", "demo-data"}
-    if path.exists() and any(f.name not in inputs and f.suffix != ".tmp" for f in out.iterdir()):
+    results = [f for f in out.iterdir()
+               if re.fullmatch(r"(M|iter)\d+|metrics\.jsonl|table\.md|reward_bench", f.name)]
+    if path.exists() and results:
         try:
             saved = json.loads(path.read_text())
         except ValueError:
@@ -1291,6 +1291,8 @@ def main(argv=None):
     """Parse, lock the output folder, run; an interruption or a full disk ends in one line, and a rerun resumes."""
     args = parse_args(argv)
     out = Path(args.output_dir)
+    import fcntl  # Unix only, like the lock it takes
+
     try:
         out.mkdir(parents=True, exist_ok=True)
         with open(out / ".lock", "a") as lock:  # "a": an existing lock file is not even touched
@@ -1326,13 +1328,23 @@ def check_models(args, tokenizer):
     check_vocabulary(args.model, tokenizer, "--model")
     if args.global_reference not in (None, args.model):
         check_vocabulary(args.global_reference, tokenizer, "--global_reference")
-        if load_tokenizer(args.global_reference).get_vocab() != tokenizer.get_vocab():
-            fail(f"--global_reference {args.global_reference!r} has another tokenizer than --model: Eq. 4 needs "
-                 f"both to score the same token ids")
+        probe = chat_prompt(tokenizer, judge_prompts("Any question?", "One answer.", "Another one.")[0][0])
+        reference = load_tokenizer(args.global_reference)
+        if len(reference) != len(tokenizer) or reference(probe).input_ids != tokenizer(probe).input_ids:
+            fail(f"--global_reference {args.global_reference!r} has another tokenizer than --model: Eq. 4 "
+                 f"needs both to give the same token ids")
     if args.method == "external":
         reward_model_tokenizer(args.reward_model)
-    templates = [text for text, _ in judge_prompts("", "", "")] if args.method == "scir" else [fill_pointwise("", "")]
-    overhead = max(len(encode(tokenizer, text, answer_prefix=ANSWER_PREFIX)) for text in templates)
+        config = AutoConfig.from_pretrained(args.reward_model)
+        if config.num_labels != 1 or not any(a.endswith("ForSequenceClassification")
+                                             for a in config.architectures or []):
+            fail(f"--reward_model {args.reward_model!r} is not a reward model (a sequence classifier with "
+                 f"one output)")
+    if args.method == "scir":  # the pairwise prompts, read after '[['
+        templates, prefix = [text for text, _ in judge_prompts("", "", "")], ANSWER_PREFIX
+    else:  # Table 6's prompt, answered by a sampled judgement
+        templates, prefix = [fill_pointwise("", "")], ""
+    overhead = max(len(encode(tokenizer, text, answer_prefix=prefix)) for text in templates)
     if args.max_length < overhead + 2:
         fail(f"--max_length {args.max_length} cannot hold the judge prompt: its template alone takes {overhead} "
              f"tokens")

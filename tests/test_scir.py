@@ -607,6 +607,8 @@ def test_judge_sft_examples(tok):
             chosen_first = text.index(row["chosen"]) < text.index(row["rejected"])
             assert chosen_first == (n % 2 == 0)  # the order alternates
             assert target == ("m]]" if chosen_first else "M]]") + tok.eos_token  # names the chosen response
+            # its first token is the identifier token read at the judge's answer position
+            assert examples[k + n][1][0] == prompts.identifier_token_ids(tok)[0 if chosen_first else 1]
     assert len(used) == 2
     assert len(scir.judge_sft_examples(tok, rows, 10, 3, 700)) == 4 * len(rows)  # never more pairs than exist
 

@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+import prompts  # noqa: E402
 import scir  # noqa: E402
 
 SMALL = ["--iterations", 1, "--num_prompts", 2, "--num_samples", 2, "--max_new_tokens", 4, "--max_length", 700,
@@ -95,7 +96,12 @@ BAD_FLAGS = [("--temperature", "0"), ("--temperature", "-1"), ("--top_p", "0"), 
 def test_flag_out_of_range_is_refused_naming_it(flag, value, tmp_path):
     message = error_of(lambda: scir.parse_args(["--output_dir", str(tmp_path / "out"), flag, value]))
     assert flag in message
-    assert not (tmp_path / "out").exists()
+
+
+def test_a_baseline_never_shares_the_default_folder_of_scir():
+    assert scir.parse_args([]).output_dir == "runs/scir-Mistral-7B-v0.3"
+    assert scir.parse_args(["--method", "external"]).output_dir == "runs/scir-external-Mistral-7B-v0.3"
+    assert scir.parse_args(["--method", "irm", "--demo"]).output_dir == "runs/scir-irm-demo"
 
 
 def test_max_length_that_cannot_hold_the_judge_prompt(tiny_model_dir, data_dir, tmp_path):
@@ -103,18 +109,23 @@ def test_max_length_that_cannot_hold_the_judge_prompt(tiny_model_dir, data_dir, 
     assert "--max_length 120 cannot hold the judge prompt" in message
 
 
-def test_a_failed_check_leaves_nothing_that_blocks_the_corrected_rerun(tiny_model_dir, data_dir, tmp_path):
+def test_a_failed_check_leaves_nothing_that_blocks_the_corrected_rerun(tiny_model_dir, tiny_tokenizer, data_dir,
+                                                                      tmp_path):
     """A --max_length that no prompt fits fails before files are written; args.json left by a run that stopped
     before any result does not refuse other settings; one next to a result does."""
     out = tmp_path / "out"
+    pointwise = prompts.chat_prompt(tiny_tokenizer, prompts.fill_pointwise("", ""))  # the baselines' judge
     message = error_of(lambda: scir.main(argv(tiny_model_dir, data_dir, out, "--max_length", 20,
                                               "--max_new_tokens", 4, "--method", "irm")))
-    assert "--max_length" in message
+    assert message.endswith("--max_length 20 cannot hold the judge prompt: its template alone takes "
+                            f"{len(tiny_tokenizer(pointwise, add_special_tokens=False).input_ids)} tokens")
     assert not (out / "args.json").exists()
     args = scir.parse_args(argv(tiny_model_dir, data_dir, out))
     (out / "args.json").write_text(json.dumps({"max_length": 20}))
     scir.check_same_settings(out, args, "hash")  # no result yet: takes the new settings
     assert json.loads((out / "args.json").read_text())["max_length"] == 700
+    (out / "log.txt").write_text("a user's own notes are no result")
+    scir.check_same_settings(out, args, "hash")
     (out / "M0").mkdir()
     args.max_length = 20
     assert "--max_length 700 (now 20)" in error_of(lambda: scir.check_same_settings(out, args, "hash"))
@@ -207,6 +218,23 @@ def test_weights_made_non_finite_by_the_only_step_are_not_saved(monkeypatch, tin
     message = error_of(lambda: scir.main(argv(tiny_model_dir, data_dir, out, "--grad_accum", 100)))
     assert "SFT -> M0: the weights became non-finite with --sft_lr 1e-06; nothing was saved" in message
     assert not (out / "M0").exists() and not (out / "M0.tmp").exists()
+
+
+def test_non_finite_loss_and_gradients_stop_training(monkeypatch, tiny_model_dir, data_dir, tmp_path):
+    real_loss = scir.sft_loss
+
+    def nan_loss(model, batch):
+        return {"loss": real_loss(model, batch)["loss"] * float("nan")}
+
+    def nan_gradient(model, batch):  # sqrt at 0: the value stays finite, its derivative does not
+        weight = model.lm_head.weight.view(-1)[0]
+        return {"loss": real_loss(model, batch)["loss"] + (weight * 0).abs().sqrt()}
+    for loss_fn, what, out in ((nan_loss, "the loss became nan at micro-batch 0", "a"),
+                               (nan_gradient, "the gradients became non-finite at micro-batch 0", "b")):
+        monkeypatch.setattr(scir, "sft_loss", loss_fn)
+        message = error_of(lambda: scir.main(argv(tiny_model_dir, data_dir, tmp_path / out)))
+        assert f"SFT -> M0: {what} with --sft_lr 1e-06; nothing was saved" in message
+        assert not (tmp_path / out / "M0").exists()
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -373,6 +401,22 @@ def test_external_baseline_pairs_best_and_worst_reward(reward_model_dir, tiny_mo
     assert len(lengths) > 1  # the batches were padded
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert metrics[1]["pairs"] == 3 and "External Reward Model" in (out / "table.md").read_text()
+
+
+def test_causal_lm_as_reward_model_is_refused_before_sft(tiny_model_dir, data_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    folder = tmp_path / "causal-lm"
+    folder.mkdir()
+    for f in Path(tiny_model_dir).iterdir():
+        (folder / f.name).write_bytes(f.read_bytes())
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(folder)
+    message = error_of(lambda: scir.main(argv(tiny_model_dir, data_dir, tmp_path / "out", "--method", "external",
+                                              "--reward_model", folder)))
+    assert f"--reward_model '{folder}' is not a reward model" in message
+    assert not (tmp_path / "out" / "M0").exists()
 
 
 def test_reward_model_without_a_chat_template_is_refused_before_sft(tiny_model_dir, data_dir, tmp_path):
