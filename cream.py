@@ -10,6 +10,7 @@ DPO rewards under pi_t and pi_{t-1} with pi_0 as reference (Eq. 3.9, lines 6-9),
 the consistency-regularized loss C * L_DPO + (1 - C) * L_RDPO (Eq. 3.7, line 14).
 """
 
+import hashlib
 import json
 import logging
 import math
@@ -24,7 +25,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, HfArgumentParser
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig,
+                          HfArgumentParser)
 from transformers.generation.configuration_utils import ContinuousBatchingConfig
 from transformers.hf_argparser import HfArg
 
@@ -107,8 +109,14 @@ def read_jsonl(path, required):
                 fail(f"{path}:{number}: not valid JSON ({e.msg})")
             if not isinstance(row, dict) or any(not isinstance(row.get(k), str) for k in required):
                 fail(f"{path}:{number}: needs string fields {', '.join(required)}")
-            if not row[required[0]].strip():
-                fail(f"{path}:{number}: empty {required[0]}")
+            for key in required:
+                if not row[key].strip():
+                    fail(f"{path}:{number}: empty {key}")
+                try:
+                    row[key].encode("utf-8")
+                except UnicodeEncodeError:  # JSON allows a lone \ud800; no tokenizer does
+                    fail(f"{path}:{number}: {key} holds a lone surrogate, which no tokenizer "
+                         f"encodes")
             rows.append(row)
     if not rows:
         fail(f"{path} is empty")
@@ -125,12 +133,26 @@ def write_jsonl(path, rows):
 
 def cached_jsonl(path, compute):
     """Rows of `path` if an earlier run finished it, else compute them and write the file (resume)."""
-    if Path(path).exists():
-        with open(path, encoding="utf-8") as f:
-            return [json.loads(line) for line in f]
-    rows = compute()
-    write_jsonl(path, rows)
+    if not Path(path).exists():
+        rows = compute()
+        write_jsonl(path, rows)
+        return rows
+    rows = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, 1):
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                rows.append(None)
+            if not isinstance(rows[-1], dict):
+                fail(f"{path}:{number} is damaged (not a JSON object): delete it to recompute it")
     return rows
+
+
+def check_ids(path, rows, expected, keys=("id",)):
+    """A cached file holds one row per expected row, in order, with the same keys: else stale."""
+    if [[row.get(k) for k in keys] for row in rows] != [[row[k] for k in keys] for row in expected]:
+        fail(f"{path} does not match this run's data or its earlier steps: delete it to recompute")
 
 
 # --- Data: D_S (seed SFT) and D_U (unlabeled prompts), section 4.1 ---
@@ -222,10 +244,41 @@ def load_tokenizer(path):
 
 def load_model(path, args):
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(args))
+        model, info = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(args),
+                                                           output_loading_info=True)
     except Exception as e:
         fail(f"cannot load model {path!r} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+    if info["missing_keys"]:  # transformers would only warn and start them from random values
+        missing = sorted(info["missing_keys"])
+        fail(f"model {str(path)!r} lacks {len(missing)} weights, {missing[0]} among them: "
+             f"a damaged checkpoint")
     return model.to("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def check_vocabulary(path, tokenizer, flag):
+    """Before any training: the model at path must embed every token of the run's tokenizer."""
+    try:
+        vocab_size = AutoConfig.from_pretrained(path).vocab_size
+    except Exception as e:
+        fail(f"cannot read the config of {flag} {path!r} ({type(e).__name__})")
+    if len(tokenizer) > vocab_size:
+        fail(f"{flag} {path!r} embeds {vocab_size} tokens, but its tokenizer has {len(tokenizer)}")
+
+
+def model_ready(path):
+    """True if a finished model folder is at path (resume), False if none; a damaged one fails."""
+    path = Path(path)
+    if not path.exists():
+        return False
+    weights = list(path.glob("*.safetensors")) + list(path.glob("*.bin"))
+    try:
+        json.loads((path / "training_summary.json").read_text())
+        json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        weights = []
+    if not weights:
+        fail(f"{path} is incomplete or damaged: delete it, and rerun to redo it")
+    return True
 
 
 def save_model(model, tokenizer, path, summary):
@@ -327,8 +380,12 @@ def learning_rate(step, total_steps, peak, warmup_ratio):
     return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total_steps - warmup)))
 
 
-def train(model, batches, loss_fn, lr, args, desc):
-    """Gradient accumulation over `batches` (lists of micro-batches), clipping, AdamW; returns mean metrics."""
+def train(model, batches, loss_fn, lr_flag, args, desc):
+    """Gradient accumulation over `batches` (lists of micro-batches), clipping, AdamW at the
+    learning rate args.<lr_flag>; returns mean metrics. Stops before anything is saved if a loss,
+    gradient or weight turns non-finite."""
+    lr = getattr(args, lr_flag)
+    stop = f" with --{lr_flag} {lr}; nothing was saved, and the models before it are intact (README)"
     model.train()
     model.config.use_cache = False
     model.activation_checkpointing_enable()
@@ -339,17 +396,20 @@ def train(model, batches, loss_fn, lr, args, desc):
     for i in bar:
         metrics = loss_fn(model, batches[i])
         if not torch.isfinite(metrics["loss"]):
-            fail(f"{desc}: the loss became {metrics['loss'].item()} at micro-batch {i}; saved models are intact")
+            fail(f"{desc}: the loss became {metrics['loss'].item()} at micro-batch {i}{stop}")
         group_start = i - i % args.grad_accum  # the last step may have fewer micro-batches
         (metrics["loss"] / min(args.grad_accum, len(batches) - group_start)).backward()
         if (i + 1) % args.grad_accum == 0 or i + 1 == len(batches):
-            torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+            if not torch.isfinite(torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)):
+                fail(f"{desc}: the gradients became non-finite at micro-batch {i}{stop}")
             adamw_step(params, state, learning_rate(i // args.grad_accum, total_steps, lr, args.warmup_ratio))
             model.zero_grad(set_to_none=True)
         for k, v in metrics.items():
             totals[k] = totals.get(k, 0.0) + v.item()
         count += 1
         bar.set_postfix(loss=f"{totals['loss'] / count:.4f}")
+    if not all(torch.isfinite(p).all() for p in params):  # no loss sees the last step's update
+        fail(f"{desc}: the weights became non-finite{stop}")
     model.eval()
     return {k: v / count for k, v in totals.items()}
 
@@ -383,7 +443,7 @@ def run_sft(args, tokenizer, sft_rows, out):
                for b in micro_batches(examples, args.batch_size, args.seed + epoch)]
     model = load_model(args.model, args)
     torch.manual_seed(args.seed)  # stochastic rounding draws from it
-    summary = train(model, batches, sft_loss, args.sft_lr, args, "SFT M0 -> M1")
+    summary = train(model, batches, sft_loss, "sft_lr", args, "SFT M0 -> M1")
     summary.update(examples=len(examples), skipped_too_long=len(sft_rows) - len(examples))
     save_model(model, tokenizer, out / "M1", summary)
     del model
@@ -634,7 +694,8 @@ def run_preference_training(args, tokenizer, pairs, t, out):
     batches = [b for epoch in range(args.epochs) for b in micro_batches(examples, args.batch_size, args.seed + t + epoch)]
     model = load_model(out / f"M{t}", args)
     torch.manual_seed(args.seed + 1000 * t + 1)
-    summary = train(model, batches, dpo_batch_loss(args, tokenizer), args.lr, args, f"CREAM M{t} -> M{t + 1}")
+    summary = train(model, batches, dpo_batch_loss(args, tokenizer), "lr", args,
+                    f"CREAM M{t} -> M{t + 1}")
     save_model(model, tokenizer, out / f"M{t + 1}", summary)
     del model
 
@@ -653,6 +714,23 @@ EXPRESSION = r"(?:[-+*/×÷()\d,$](?:[-+*/×÷()\d,$ \t]|\.(?=\d))*=[ \t]*)*"
 
 def answer_kind(answer):
     return "choice" if re.fullmatch(r"[A-E]", answer) else "number"
+
+
+def eval_prompt(row):
+    """A test question as the model sees it: the question, then how to state the answer."""
+    return row["prompt"] + EVAL_SUFFIX[answer_kind(row["answer"])]
+
+
+def check_eval_rows(tokenizer, tests, args):
+    """Before SFT: every question scored (each task's first --eval_limit) leaves room to reply."""
+    seen = {}
+    for number, row in enumerate(tests, 1):
+        seen[row["task"]] = seen.get(row["task"], 0) + 1
+        if args.eval_limit and seen[row["task"]] > args.eval_limit:
+            continue  # not scored in this run
+        if len(encode(tokenizer, eval_prompt(row))) > args.max_length - args.max_new_tokens:
+            fail(f"eval row {number} (task {row['task']}): the question is longer than "
+                 f"--max_length - --max_new_tokens")
 
 
 def extract_answer(reply, kind):
@@ -696,7 +774,7 @@ def is_correct(extracted, answer):
 def run_evaluation(model_path, tokenizer, tests, args):
     """One greedy reply per test question -> rows with the extracted answer and whether it matches."""
     model = load_model(model_path, args).eval()
-    prompts = [row["prompt"] + EVAL_SUFFIX[answer_kind(row["answer"])] for row in tests]
+    prompts = [eval_prompt(row) for row in tests]
     replies = sample_responses(model, tokenizer, prompts, args, greedy=True)
     del model
     rows = []
@@ -765,11 +843,7 @@ def parse_args(argv=None):
         for name, value in DEMO.items():
             if getattr(args, name) == defaults[name]:
                 setattr(args, name, value)
-    if args.num_samples < 2:
-        fail(f"--num_samples must be at least 2 to form a pair, got {args.num_samples}")
-    for name in ("iterations", "num_prompts", "max_new_tokens", "batch_size", "grad_accum", "score_batch_size"):
-        if getattr(args, name) < 1:
-            fail(f"--{name} must be at least 1, got {getattr(args, name)}")
+    check_ranges(args)
     if args.max_length <= args.max_new_tokens:
         fail(f"--max_length {args.max_length} leaves no room for a prompt with --max_new_tokens {args.max_new_tokens}")
     if args.consistency_scope not in ("dataset", "pair"):
@@ -778,16 +852,12 @@ def parse_args(argv=None):
         fail(f"--consistency_measure must be kendall, spearman or toporder, got {args.consistency_measure!r}")
     if args.consistency_scope == "pair" and args.consistency_measure != "kendall":
         fail("--consistency_scope pair takes each pair's (tau+1)/2: use it with --consistency_measure kendall")
-    if args.eval_limit is not None and args.eval_limit < 1:
-        fail(f"--eval_limit must be at least 1, got {args.eval_limit}")
     if args.method not in ("cream", "srlm", "p-srlm"):
         fail(f"--method must be cream, srlm or p-srlm, got {args.method!r}")
     if args.method != "cream" and (args.consistency_measure, args.consistency_scope) != ("kendall", "dataset"):
         fail(f"--method {args.method} trains with C = 1: --consistency_measure and --consistency_scope are CREAM's")
     if args.dtype not in ("auto", "bfloat16", "float32"):
         fail(f"--dtype must be auto, bfloat16 or float32, got {args.dtype!r}")
-    if args.sft_epochs < 0 or args.epochs < 1:
-        fail("--sft_epochs must be >= 0 and --epochs >= 1")
     if args.sft_epochs == 0 and args.method != "p-srlm":
         fail(f"--sft_epochs 0 with --method {args.method}: M1 would be M0, so "
              f"r = log pi_1 - log pi_0 = 0 for every sample (Eq. 3.9), every prompt ties and "
@@ -799,20 +869,67 @@ def parse_args(argv=None):
     return args
 
 
+# Allowed ranges, checked before anything runs
+AT_LEAST = {"iterations": 1, "num_prompts": 1, "num_samples": 2, "max_new_tokens": 1,
+            "max_length": 2, "batch_size": 1, "grad_accum": 1, "epochs": 1, "score_batch_size": 1,
+            "sft_epochs": 0, "seed": 0, "sft_lr": 0, "lr": 0}
+ABOVE_ZERO = ("temperature", "beta", "max_grad_norm")
+
+
+def check_ranges(args):
+    """Every number finite and within its range, before anything runs; an error names the flag."""
+    for f in fields(args):
+        value = getattr(args, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            fail(f"--{f.name} must be a finite number, got {value}")
+    for name, low in AT_LEAST.items():
+        if getattr(args, name) < low:
+            fail(f"--{name} must be at least {low}, got {getattr(args, name)}")
+    for name in ABOVE_ZERO:
+        if getattr(args, name) <= 0:
+            fail(f"--{name} must be above 0, got {getattr(args, name)}")
+    for name in ("sft_lr", "lr"):  # AdamW moves each weight by about lr a step: above 1 is a typo
+        if getattr(args, name) > 1:
+            fail(f"--{name} must be at most 1, got {getattr(args, name)}")
+    if not 0 < args.top_p <= 1:
+        fail(f"--top_p must be in (0, 1], got {args.top_p}")
+    if not 0 <= args.warmup_ratio < 1:
+        fail(f"--warmup_ratio must be in [0, 1), got {args.warmup_ratio}")
+    if args.eval_limit is not None and args.eval_limit < 1:
+        fail(f"--eval_limit must be at least 1, got {args.eval_limit}")
+
+
 AFTER_THE_FACT = ("output_dir", "evaluate", "eval_limit")  # may change between reruns: they touch no training file
 
 
-def check_same_settings(out, args):
-    """Resuming is only sound with the settings that made the files: refuse a folder made with other ones."""
+def check_same_settings(out, args, data_sha256):
+    """Resuming is only sound with the settings and data that made the files: refuse a folder made
+    with other ones.
+
+    A folder that holds no result yet (an earlier run stopped at its checks) takes the new settings.
+    """
     path = out / "args.json"
     current = {k: v for k, v in asdict(args).items() if k not in AFTER_THE_FACT}
-    if path.exists():
-        saved = json.loads(path.read_text())
-        changed = [f"--{k} {saved.get(k)!r} (now {v!r})" for k, v in current.items() if saved.get(k) != v]
+    current["data_sha256"] = data_sha256
+    results = [f for f in out.iterdir()
+               if re.fullmatch(r"(M|iter)\d+|metrics\.jsonl|table\.md|evaluation\.jsonl|eval", f.name)]
+    if path.exists() and results:
+        try:
+            saved = json.loads(path.read_text())
+        except ValueError:
+            saved = None
+        if not isinstance(saved, dict):
+            fail(f"{path} is damaged: delete it, and rerun the command that made the run to "
+                 f"resume it")
+        defaults = {f.name: f.default for f in fields(Args)} | {"data_sha256": data_sha256}
+        saved = defaults | saved  # a flag added after the run: its default
+        changed = [f"--{k} {saved.get(k)!r} (now {v!r})" if k != "data_sha256"
+                   else "the data files changed" for k, v in current.items() if saved.get(k) != v]
         if changed:
-            fail(f"{out} holds a run made with other settings: {', '.join(changed)}; "
+            fail(f"{out} holds a run made with other settings or data: {', '.join(changed)}; "
                  f"rerun with those or use a new --output_dir")
-    Path(f"{path}.tmp").write_text(json.dumps(asdict(args), indent=1))
+    record = asdict(args) | {"data_sha256": data_sha256}
+    Path(f"{path}.tmp").write_text(json.dumps(record, indent=1))
     os.replace(f"{path}.tmp", path)
 
 
@@ -866,9 +983,11 @@ def evaluate_models(args, tokenizer, tests, out):
     (out / "eval").mkdir(exist_ok=True)
     table = []
     for k in range(args.iterations + 2):
-        path = args.model if k == 0 else out / f"M{k}"
-        name = f"M{k}" + (f"-first{args.eval_limit}" if args.eval_limit else "")
-        rows = cached_jsonl(out / "eval" / f"{name}.jsonl", lambda: run_evaluation(path, tokenizer, tests, args))
+        model_path = args.model if k == 0 else out / f"M{k}"
+        limit = f"-first{args.eval_limit}" if args.eval_limit else ""
+        path = out / "eval" / f"M{k}{limit}.jsonl"
+        rows = cached_jsonl(path, lambda: run_evaluation(model_path, tokenizer, tests, args))
+        check_ids(path, rows, tests, keys=("task", "prompt", "answer"))  # written as dict(row, ...)
         for task in tasks:
             scored = [row["correct"] for row in rows if row["task"] == task]
             table.append({"model": f"M{k}", "task": task, "accuracy": sum(scored) / len(scored), "n": len(scored)})
@@ -877,29 +996,30 @@ def evaluate_models(args, tokenizer, tests, out):
 
 
 def main(argv=None):
+    """Parse, lock the output folder, run; Ctrl-C or a full disk ends in one line; rerun resumes."""
+    import fcntl  # Unix only, like the lock it takes
+
     args = parse_args(argv)
     out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if args.demo:
-        args.model, args.data_dir = build_demo(out)
-    sft_rows, prompt_rows, tests = load_data(args)  # validated before any model is loaded
-    random.Random(args.seed).shuffle(prompt_rows)
-    per_iteration = min(args.num_prompts, len(prompt_rows) // args.iterations)
-    if per_iteration == 0:
-        fail(f"{len(prompt_rows)} prompts cannot be shared by {args.iterations} iterations")
-    tokenizer = load_tokenizer(args.model)
-    check_same_settings(out, args)  # from here on files are written
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / ".lock", "a") as lock:  # "a": an existing lock file is not even touched
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # freed however the process ends
+            except BlockingIOError:
+                fail(f"another run is using {out}: wait for it to end, or use another --output_dir")
+            run(args, out)
+    except KeyboardInterrupt:
+        fail("interrupted; rerun the same command to resume where it stopped")
+    except OSError as e:
+        fail(f"{e.filename or out}: {e.strerror or e}; rerun the same command to resume once that "
+             f"is fixed")
 
-    if not (out / "M1").exists():  # Algorithm 1 line 2
-        if args.sft_epochs == 0:  # p-srlm only (parse_args): M1 is M0 as given
-            save_model(load_model(args.model, args), tokenizer, out / "M1", {"sft": "skipped"})
-        else:
-            run_sft(args, tokenizer, sft_rows, out)
 
-    metrics = []
-    for t in range(1, args.iterations + 1):  # Algorithm 1 line 4
-        it = out / f"iter{t}"
-        it.mkdir(exist_ok=True)
+def iteration_pools(tokenizer, prompt_rows, per_iteration, args):
+    """Each iteration's fresh prompts less those too long to sample -> [(pool, number left out)]."""
+    pools = []
+    for t in range(1, args.iterations + 1):
         pool, too_long = [], 0
         for j, row in enumerate(prompt_rows[(t - 1) * per_iteration: t * per_iteration]):
             if len(encode(tokenizer, row["prompt"])) > args.max_length - args.max_new_tokens:
@@ -908,8 +1028,42 @@ def main(argv=None):
                 pool.append({"id": f"{t}-{j}", "prompt": row["prompt"]})
         if not pool:
             fail(f"every prompt of iteration {t} is longer than --max_length - --max_new_tokens")
+        pools.append((pool, too_long))
+    return pools
 
+
+def run(args, out):
+    """Checks, SFT, Algorithm 1's iterations, the evaluation and the final table, in out."""
+    if args.demo:
+        args.model, args.data_dir = build_demo(out)
+    sft_rows, prompt_rows, tests = load_data(args)  # validated before any model is loaded
+    # not the test rows: they change no training file, and check_ids checks their cached replies
+    data_sha256 = hashlib.sha256(json.dumps([sft_rows, prompt_rows]).encode()).hexdigest()
+    random.Random(args.seed).shuffle(prompt_rows)
+    if len(prompt_rows) < args.iterations * args.num_prompts:
+        print(f"note: {len(prompt_rows)} prompts for {args.iterations} x {args.num_prompts}: "
+              f"each iteration gets {len(prompt_rows) // args.iterations}")
+    per_iteration = min(args.num_prompts, len(prompt_rows) // args.iterations)
+    if per_iteration == 0:
+        fail(f"{len(prompt_rows)} prompts cannot be shared by {args.iterations} iterations")
+    tokenizer = load_tokenizer(args.model)
+    check_vocabulary(args.model, tokenizer, "--model")
+    pools = iteration_pools(tokenizer, prompt_rows, per_iteration, args)
+    check_eval_rows(tokenizer, tests, args)
+    check_same_settings(out, args, data_sha256)  # from here on files are written
+
+    if not model_ready(out / "M1"):  # Algorithm 1 line 2
+        if args.sft_epochs == 0:  # p-srlm only (parse_args): M1 is M0 as given
+            save_model(load_model(args.model, args), tokenizer, out / "M1", {"sft": "skipped"})
+        else:
+            run_sft(args, tokenizer, sft_rows, out)
+
+    metrics = []
+    for t, (pool, too_long) in enumerate(pools, 1):  # Algorithm 1 line 4
+        it = out / f"iter{t}"
+        it.mkdir(exist_ok=True)
         samples = cached_jsonl(it / "samples.jsonl", lambda: run_sampling(args, tokenizer, pool, t, out))  # line 5
+        check_ids(it / "samples.jsonl", samples, pool, keys=("id", "prompt"))
         sequences = sample_sequences(tokenizer, samples, args.max_length)
         models = {"t": out / f"M{t}", "0": args.model} | ({"prev": out / f"M{t - 1}"} if t > 1 else {})
         logps = {}
@@ -921,25 +1075,28 @@ def main(argv=None):
                 fail(f"{it / f'logps_{name}.jsonl'} does not match {it / 'samples.jsonl'}: delete {it} to recompute")
         reward_rows = cached_jsonl(it / "rewards.jsonl", lambda: rewards_and_consistency(  # lines 6-10
             samples, logps["t"], logps.get("prev"), logps["0"], t))
+        check_ids(it / "rewards.jsonl", reward_rows, samples)
         pair_rewards, unusable = reward_rows, 0
         if args.method == "p-srlm":  # baseline: the judge's scores rank the responses instead of Eq. 3.9
             judged = cached_jsonl(it / "judgements.jsonl", lambda: judge_samples(
                 out / f"M{t}", tokenizer, samples, args, args.seed + 1000 * t + 2))
+            check_ids(it / "judgements.jsonl", judged, samples)
             pair_rewards = [dict(row, r=j["scores"]) for row, j in zip(reward_rows, judged)]
             unusable = sum(score is None for j in judged for score in j["scores"])
         if args.method in ("srlm", "p-srlm"):  # the baselines trust every self-label: plain DPO
             consistency, scope = 1.0, "dataset"
         else:  # line 11
             consistency, scope = measured_consistency(reward_rows, args.consistency_measure), args.consistency_scope
-        pairs = cached_jsonl(it / "pairs.jsonl", lambda: build_pairs(  # lines 12-13
-            samples, pair_rewards, consistency, scope))
+        expected = build_pairs(samples, pair_rewards, consistency, scope)  # lines 12-13
+        pairs = cached_jsonl(it / "pairs.jsonl", lambda: expected)  # a cached one must be the same
+        check_ids(it / "pairs.jsonl", pairs, expected, keys=("id", "chosen", "rejected"))
         if not pairs:
             fail(f"iteration {t}: no prompt has two responses with different rewards, no pair to train on"
                  + (f" ({unusable} judgements gave no score)" if unusable else ""))
         warning = reversal_warning(t, pairs, scope)
         if warning:
             print(warning, file=sys.stderr)
-        if not (out / f"M{t + 1}").exists():  # line 14
+        if not model_ready(out / f"M{t + 1}"):  # line 14
             run_preference_training(args, tokenizer, pairs, t, out)
         summary = json.loads((out / f"M{t + 1}" / "training_summary.json").read_text())
         (kendall, kendall_std), (spearman, spearman_std), (top_order, top_order_std) = (
