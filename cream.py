@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig,
                           HfArgumentParser)
@@ -323,20 +324,35 @@ def collate(sequences, pad_id):
     return input_ids, attention_mask, labels
 
 
+HEAD_CHUNK = 1024  # positions per float32 LM-head chunk: one [1024, V] float32 tensor at a time
+
+
+def token_logps(hidden, targets, head):
+    """log pi(target) through a float32 LM head: hidden [N, H], targets [N] -> [N] float32."""
+    bias = None if head.bias is None else head.bias.float()
+    logits = F.linear(hidden.float(), head.weight.float(), bias)  # [N, V]
+    return logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)
+
+
 def sequence_logps(model, input_ids, attention_mask, response_mask):
     """Summed log pi(y|x) over response tokens: [B, L] x3 -> [B] float32.
 
-    Logits come only from positions that predict a response token (logits_to_keep takes a boolean mask), so no
-    [B, L, V] tensor exists for prompt positions; log-probs are gather minus logsumexp in float32.
+    The LM head runs only at the positions that predict a response token, in float32 (a bfloat16
+    head rounds a logit near 20 by up to 0.06: README), HEAD_CHUNK positions at a time, each chunk
+    recomputed in the backward pass rather than kept. Any transformers causal LM works (it has
+    get_decoder and get_output_embeddings); one that scales or caps its logits after the head
+    (Gemma 2, Cohere) needs that step added to token_logps.
     """
-    predicts_response = F.pad(response_mask[:, 1:].bool(), (0, 1), value=False)  # position p predicts token p+1
-    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # same positions for left or right padding
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                   logits_to_keep=predicts_response, use_cache=False).logits.float()  # [num_response_tokens, V]
+    predicts_response = F.pad(response_mask[:, 1:].bool(), (0, 1), value=False)  # p predicts token p+1
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # left or right padding alike
+    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                 use_cache=False).last_hidden_state[predicts_response]  # [N, H]
     targets = input_ids[:, 1:][response_mask[:, 1:].bool()]
-    token_logps = logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)
+    head = model.get_output_embeddings()
+    logps = torch.cat([checkpoint(token_logps, h, y, head, use_reentrant=False)
+                       for h, y in zip(hidden.split(HEAD_CHUNK), targets.split(HEAD_CHUNK))])
     rows = predicts_response.nonzero()[:, 0]
-    return torch.zeros(input_ids.shape[0], device=logits.device).index_add(0, rows, token_logps)
+    return torch.zeros(input_ids.shape[0], device=hidden.device).index_add(0, rows, logps)
 
 
 # --- Optimizer: AdamW in float32, written back to bfloat16 with stochastic rounding (memory.md, anchors #4) ---

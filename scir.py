@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification,
                           AutoTokenizer, GenerationConfig, HfArgumentParser)
@@ -343,20 +344,35 @@ def collate(sequences, pad_id):
     return input_ids, attention_mask, labels
 
 
+HEAD_CHUNK = 1024  # positions per float32 LM-head chunk: one [1024, V] float32 tensor at a time
+
+
+def token_logps(hidden, targets, head):
+    """log pi(target) through a float32 LM head: hidden [N, H], targets [N] -> [N] float32."""
+    bias = None if head.bias is None else head.bias.float()
+    logits = F.linear(hidden.float(), head.weight.float(), bias)  # [N, V]
+    return logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)
+
+
 def sequence_logps(model, input_ids, attention_mask, response_mask):
     """Summed log pi(y|x) over response tokens: [B, L] x3 -> [B] float32.
 
-    Logits come only from positions that predict a response token (logits_to_keep takes a boolean mask), so no
-    [B, L, V] tensor exists for prompt positions; log-probs are gather minus logsumexp in float32.
+    The LM head runs only at the positions that predict a response token, in float32 (a bfloat16
+    head rounds a logit near 20 by up to 0.06: README), HEAD_CHUNK positions at a time, each chunk
+    recomputed in the backward pass rather than kept. Any transformers causal LM works (it has
+    get_decoder and get_output_embeddings); one that scales or caps its logits after the head
+    (Gemma 2, Cohere) needs that step added to token_logps.
     """
-    predicts_response = F.pad(response_mask[:, 1:].bool(), (0, 1), value=False)  # position p predicts token p+1
-    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # same positions for left or right padding
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                   logits_to_keep=predicts_response, use_cache=False).logits.float()  # [num_response_tokens, V]
+    predicts_response = F.pad(response_mask[:, 1:].bool(), (0, 1), value=False)  # p predicts token p+1
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # left or right padding alike
+    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                 use_cache=False).last_hidden_state[predicts_response]  # [N, H]
     targets = input_ids[:, 1:][response_mask[:, 1:].bool()]
-    token_logps = logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)
+    head = model.get_output_embeddings()
+    logps = torch.cat([checkpoint(token_logps, h, y, head, use_reentrant=False)
+                       for h, y in zip(hidden.split(HEAD_CHUNK), targets.split(HEAD_CHUNK))])
     rows = predicts_response.nonzero()[:, 0]
-    return torch.zeros(input_ids.shape[0], device=logits.device).index_add(0, rows, token_logps)
+    return torch.zeros(input_ids.shape[0], device=hidden.device).index_add(0, rows, logps)
 
 
 @torch.no_grad()
@@ -440,7 +456,7 @@ def train(model, batches, loss_fn, lr_flag, args, desc):
         if not torch.isfinite(metrics["loss"]):
             fail(f"{desc}: the loss became {metrics['loss'].item()} at micro-batch {i}{stop}")
         group_start = i - i % args.grad_accum  # the last step may have fewer micro-batches
-        (metrics["loss"] / min(args.grad_accum, len(batches) - group_start)).backward()
+        backward(metrics, 1 / min(args.grad_accum, len(batches) - group_start))
         if (i + 1) % args.grad_accum == 0 or i + 1 == len(batches):
             if not torch.isfinite(torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)):
                 fail(f"{desc}: the gradients became non-finite at micro-batch {i}{stop}")
@@ -454,6 +470,16 @@ def train(model, batches, loss_fn, lr_flag, args, desc):
         fail(f"{desc}: the weights became non-finite{stop}")
     model.eval()
     return {k: v / count for k, v in totals.items()}
+
+
+def backward(metrics, scale):
+    """Gradients of metrics["loss"] * scale. A loss computed on detached copies of forward outputs
+    (metrics["detached"]: [(outputs, copies)], scir_batch_loss) then sends its gradient through each
+    forward pass in a backward of its own."""
+    (metrics["loss"] * scale).backward()
+    for outputs, copies in metrics.pop("detached", []):
+        if any(output.requires_grad for output in outputs):
+            torch.autograd.backward(outputs, [copy.grad for copy in copies])
 
 
 def micro_batches(items, batch_size, seed):
@@ -592,7 +618,8 @@ def judge_inputs(tokenizer, instruction, response_1, response_2, max_length):
 def identifier_logits(model, sequences, identifier_ids, pad_id):
     """Logits of the identifiers m and M at the answer position: [S] token lists -> [S, 2].
 
-    Left padding puts every answer position last, so the model computes logits for one position only.
+    Left padding puts every answer position last; only the head's two identifier rows are applied
+    there, in float32, since Q renormalises over the two (judge_probability).
     """
     width = max(len(s) for s in sequences)
     input_ids = torch.full((len(sequences), width), pad_id, device=model.device)
@@ -601,9 +628,12 @@ def identifier_logits(model, sequences, identifier_ids, pad_id):
         input_ids[row, width - len(s):] = torch.tensor(s, device=model.device)
         attention_mask[row, width - len(s):] = 1
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                   logits_to_keep=1, use_cache=False).logits[:, -1]  # [S, V]
-    return logits[:, list(identifier_ids)].float()
+    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                 use_cache=False).last_hidden_state[:, -1]  # [S, H]
+    head = model.get_output_embeddings()
+    rows = list(identifier_ids)
+    bias = None if head.bias is None else head.bias[rows].float()
+    return F.linear(hidden.float(), head.weight[rows].float(), bias)
 
 
 def generative_preference(model, tokenizer, instructions, responses_1, responses_2, identifier_ids, alpha_l,
@@ -714,14 +744,19 @@ def pair_forward(model, tokenizer, batch, args, identifier_ids, alpha_l, per_pro
 def scir_batch_loss(args, tokenizer, identifier_ids, alpha_l):
     def loss_fn(model, batch):
         policy_1, policy_2, p_grm = pair_forward(model, tokenizer, batch, args, identifier_ids, alpha_l)
+        # Eq. 7 on detached copies, then one backward per forward pass (train's backward): a single
+        # backward through both would hold the judge pass's weight gradients, 13.5 GiB at 7B, until
+        # the policy pass's backward reached each layer (README: memory)
+        copies = [x.detach().requires_grad_() for x in (policy_1, policy_2, p_grm)]
         ref = lambda key: torch.tensor([p[key] for p in batch], device=model.device)
-        terms = scir_loss(policy_1, policy_2, ref("global_logp_1"), ref("global_logp_2"), ref("local_logp_1"),
-                          ref("local_logp_2"), p_grm, args.beta, 0.0 if args.no_consistency_loss else args.alpha,
+        terms = scir_loss(copies[0], copies[1], ref("global_logp_1"), ref("global_logp_2"), ref("local_logp_1"),
+                          ref("local_logp_2"), copies[2], args.beta, 0.0 if args.no_consistency_loss else args.alpha,
                           args.tau, dcpo=not args.no_dcpo, adaptive_reference=not args.no_adaptive_reference)
         agree = terms["agree"]
         return {"loss": terms["loss"].mean(), "consistency_loss": terms["consistency_loss"].mean().detach(),
                 "dpo_loss": (agree * terms["dpo_loss"]).mean().detach(),  # Eq. 7's DPO term, 0 where they disagree
-                "dcpo_fraction": agree.mean()}
+                "dcpo_fraction": agree.mean(),
+                "detached": [((policy_1, policy_2), copies[:2]), ((p_grm,), copies[2:])]}
     return loss_fn
 
 

@@ -352,16 +352,17 @@ def padded_batch(sequences, side):
 
 
 @pytest.mark.parametrize("side", ["right", "left"])
-def test_sequence_logps_matches_token_loop_and_skips_prompt_logits(tiny_model, side):
+def test_sequence_logps_matches_token_loop_and_skips_prompt_logits(tiny_model, side, monkeypatch):
     expected = [brute_logp(tiny_model, p, r) for p, r in SEQUENCES]
     input_ids, attention_mask, response_mask = padded_batch(SEQUENCES, side)
-    rows_seen = []
-    hook = tiny_model.lm_head.register_forward_hook(lambda module, inputs, output: rows_seen.append(inputs[0].shape))
-    try:
-        with torch.no_grad():
-            got = cream.sequence_logps(tiny_model, input_ids, attention_mask, response_mask)
-    finally:
-        hook.remove()
+    rows_seen, head = [], cream.token_logps
+
+    def spy(hidden, targets, lm_head):  # the LM head is applied in token_logps only
+        rows_seen.append(hidden.shape)
+        return head(hidden, targets, lm_head)
+    monkeypatch.setattr(cream, "token_logps", spy)
+    with torch.no_grad():
+        got = cream.sequence_logps(tiny_model, input_ids, attention_mask, response_mask)
     assert got.dtype == torch.float32 and got.shape == (3,)
     torch.testing.assert_close(got.double(), torch.tensor(expected, dtype=torch.float64), rtol=1e-5, atol=1e-4)
     # the LM head only sees the positions that predict a response token: 3 + 4 + 1 = 8 rows
@@ -936,3 +937,35 @@ def test_e2e_sampling_memory_is_bounded_for_a_tiny_model(e2e):
     which sizes the cache to the work; the run now peaks at ~0.4 GB)."""
     assert e2e["result"].returncode == 0, e2e["result"].stderr[-3000:]
     assert e2e["result"].max_rss_mb < 1536, f"peak resident memory {e2e['result'].max_rss_mb:.0f} MiB"
+
+
+@pytest.mark.parametrize("module", ["cream", "scir"])
+def test_sequence_logps_float32_head_on_a_bf16_model(module):
+    """Issue 11: on a bf16 model whose logits spread like a real LM's (std ~4 over 32,768 tokens), summed
+    log-probs of 300-token responses agree within 0.02 nat with a float64 head and log-softmax applied to the
+    same bf16 hidden states. A bf16 head, which rounds each logit before the float32 cast, is off by more."""
+    import importlib
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    script = importlib.import_module(module)
+    config = LlamaConfig(vocab_size=32768, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
+    with torch.no_grad():  # the final RMSNorm gives hidden states of unit scale: logits of std ~4
+        model.lm_head.weight.normal_(0, 4 / 64 ** 0.5)
+    input_ids = torch.randint(0, 32768, (2, 320))
+    attention_mask = torch.ones_like(input_ids)
+    response_mask = torch.zeros_like(input_ids)
+    response_mask[:, 20:] = 1  # 300 response tokens each
+    with torch.no_grad():
+        got = script.sequence_logps(model, input_ids, attention_mask, response_mask).double()
+        hidden = model.model(input_ids=input_ids).last_hidden_state[:, 19:-1]  # [2, 300, H], bf16
+        logits = hidden.double() @ model.lm_head.weight.double().T
+        exact = logits.log_softmax(-1).gather(-1, input_ids[:, 20:, None]).squeeze(-1).sum(-1)
+        rounded = model.lm_head(hidden).float()  # the bf16 head
+        bf16_head = (rounded.gather(-1, input_ids[:, 20:, None]).squeeze(-1) - rounded.logsumexp(-1)).sum(-1)
+    assert logits.std().item() == pytest.approx(4, rel=0.1)
+    assert (got - exact).abs().max().item() < 0.02
+    assert (bf16_head.double() - exact).abs().max().item() > 0.02  # the case does tell the two apart

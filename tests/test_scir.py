@@ -160,25 +160,53 @@ def brute_logp_ids(model, p_ids, r_ids):
     return total
 
 
+class BoostHead(torch.nn.Module):
+    """The LM head of a Rigged model: its weight is the inner head's [V, H] next to an identity [V, V], so the
+    boost units add to the logits one to one and gradients still reach the inner head."""
+    bias = None
+
+    def __init__(self, inner_head):
+        super().__init__()
+        self.inner_head = inner_head
+        self.register_buffer("eye", torch.eye(inner_head.weight.shape[0]))
+
+    @property
+    def weight(self):
+        return torch.cat([self.inner_head.weight, self.eye.to(self.inner_head.weight.dtype)], 1)
+
+    def forward(self, hidden):
+        return torch.nn.functional.linear(hidden, self.weight)
+
+
 class Rigged(torch.nn.Module):
     """Wraps a causal LM: adds boost(input_ids, attention_mask) [B, V] to the logits of the last position (the
-    judge's answer position); a flattened [N, V] output (logits_to_keep as a mask) is left alone."""
+    judge's answer position). The boost rides on V extra hidden units that BoostHead maps one to one onto the
+    vocabulary, so a script that applies the head itself (get_decoder, get_output_embeddings) sees logits +
+    boost there and the plain logits everywhere else."""
 
     def __init__(self, inner, boost):
         super().__init__()
         self.inner, self.boost = inner, boost
+        self.head = BoostHead(inner.get_output_embeddings())
 
     @property
     def device(self):
         return self.inner.device
 
+    def get_decoder(self):
+        return self
+
+    def get_output_embeddings(self):
+        return self.head
+
     def forward(self, input_ids, attention_mask=None, **kwargs):
-        logits = self.inner(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits
-        if logits.dim() == 3:
-            mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-            last = logits[:, -1] + self.boost(input_ids, mask)
-            logits = torch.cat([logits[:, :-1], last[:, None]], 1)
-        return SimpleNamespace(logits=logits)
+        hidden = self.inner.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                          **kwargs).last_hidden_state  # [B, L, H]
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        extra = torch.zeros(*hidden.shape[:2], self.head.eye.shape[0], dtype=hidden.dtype)
+        extra[:, -1] = self.boost(input_ids, mask)
+        hidden = torch.cat([hidden, extra], -1)
+        return SimpleNamespace(last_hidden_state=hidden, logits=self.head(hidden))  # the brute force reads logits
 
 
 def slot_boost(tokenizer, vocab_size, ids, favourites, size):
@@ -493,7 +521,7 @@ def test_scir_batch_loss_gradients_reach_the_policy(model, tok, ids_mM, term):
 
     loss_fn = scir.scir_batch_loss(args, tok, ids_mM, 0.0)
     metrics = loss_fn(judge, pairs)
-    metrics["loss"].backward()
+    scir.backward(metrics, 1.0)  # as train does: one backward per forward pass
     code = grads(model)
     model.zero_grad(set_to_none=True)
     assert metrics["dcpo_fraction"].item() == (1.0 if term == "dpo" else 0.0)
