@@ -49,7 +49,8 @@ def rss_peak_bytes():
 
 
 def measure(fn, device):
-    """Run fn once; return (seconds, peak bytes during the call, peak bytes above what was there before)."""
+    """Run fn once; return (seconds, peak bytes during the call, peak bytes above what was there before). On a GPU
+    the peak is what tensors held (max_memory_allocated); reserved_bytes() adds what the allocator kept."""
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -66,8 +67,16 @@ def measure(fn, device):
     return seconds, peak, peak - before
 
 
+def reserved_bytes(device):
+    """The caching allocator's peak reservation (GPU): allocated memory plus its fragmentation and free blocks."""
+    return torch.cuda.max_memory_reserved() if device.type == "cuda" else None
+
+
 def report(rows, **row):
     row["peak_gib"] = round(row.pop("peak") / 2**30, 3)
+    if row.get("reserved") is not None:
+        row["reserved_gib"] = round(row.pop("reserved") / 2**30, 3)
+    row.pop("reserved", None)
     print(json.dumps(row), flush=True)
     rows.append(row)
 
@@ -76,29 +85,33 @@ def random_ids(generator, vocab, *shape):
     return torch.randint(3, vocab, shape, generator=generator)
 
 
-def training_step(model, kind, length, vocab, state, device, generator):
-    """One optimizer step on one pair: CREAM's soft DPO, or SCIR's 2 policy sequences + 4 judge prompts."""
+def training_step(model, kind, length, pairs, vocab, state, device, generator):
+    """One optimizer step on one micro-batch of `pairs` pairs, as the scripts' defaults run it: CREAM's soft DPO on
+    2 sequences a pair; SCIR's Eq. 7 on 2 policy sequences and 4 judge prompts a pair, computed on detached copies
+    with one backward per forward pass (scir.backward)."""
     prompt = length // 4
-    ids = random_ids(generator, vocab, 2, length).to(device)
+    ids = random_ids(generator, vocab, 2 * pairs, length).to(device)
     attention_mask = torch.ones_like(ids)
     response_mask = torch.zeros_like(ids)
     response_mask[:, prompt:] = 1
-    logps = cream.sequence_logps(model, ids, attention_mask, response_mask) if kind == "cream" \
-        else scir.sequence_logps(model, ids, attention_mask, response_mask)
+    script = cream if kind == "cream" else scir
+    logps = script.sequence_logps(model, ids, attention_mask, response_mask).view(pairs, 2)
     ref = logps.detach() - 1.0
     if kind == "cream":
-        loss = cream.soft_dpo_loss(logps[:1], logps[1:], ref[:1], ref[1:], 0.1, 0.8).mean()
+        cream.soft_dpo_loss(logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], 0.1, 0.8).mean().backward()
     else:
-        judge = [random_ids(generator, vocab, length).tolist() for _ in range(4)]
-        logits = scir.identifier_logits(model, judge, (3, 4), 0)  # [4, 2]
-        lengths = torch.full((4,), float(length - prompt), device=device)
-        p_first = scir.judge_probability(logits[:, 0], logits[:, 1], lengths, lengths, 0.02)
-        p_grm = torch.stack([p_first[0], 1 - p_first[1], p_first[2], 1 - p_first[3]]).mean()[None]
-        loss = scir.scir_loss(logps[:1], logps[1:], ref[:1], ref[1:], ref[:1], ref[1:], p_grm, 0.1, 1.0, 0.7)["loss"].mean()
-    loss.backward()
-    (cream if kind == "cream" else scir).adamw_step([p for p in model.parameters()], state, 1e-6)
+        judge = [random_ids(generator, vocab, length).tolist() for _ in range(4 * pairs)]
+        logits = scir.identifier_logits(model, judge, (3, 4), 0)  # [4 pairs, 2]
+        lengths = torch.full((4 * pairs,), float(length - prompt), device=device)
+        p_first = scir.judge_probability(logits[:, 0], logits[:, 1], lengths, lengths, 0.02).view(pairs, 4)
+        p_grm = torch.stack([p_first[:, 0], 1 - p_first[:, 1], p_first[:, 2], 1 - p_first[:, 3]], 1).mean(1)
+        copies = [x.detach().requires_grad_() for x in (logps, p_grm)]
+        loss = scir.scir_loss(copies[0][:, 0], copies[0][:, 1], ref[:, 0], ref[:, 1], ref[:, 0], ref[:, 1],
+                              copies[1], 0.1, 1.0, 0.7)["loss"].mean()
+        scir.backward({"loss": loss, "detached": [((logps,), copies[:1]), ((p_grm,), copies[1:])]}, 1.0)
+    script.adamw_step([p for p in model.parameters()], state, 1e-6)
     model.zero_grad(set_to_none=True)
-    return (2 + (4 if kind == "scir" else 0)) * length  # tokens through the model
+    return (2 + (4 if kind == "scir" else 0)) * pairs * length  # tokens through the model
 
 
 def bench_training(model, cfg, args, device, rows, flops_peak):
@@ -110,14 +123,15 @@ def bench_training(model, cfg, args, device, rows, flops_peak):
     for kind in ("scir", "cream"):
         for length in args.lengths:
             state = {}
-            training_step(model, kind, length, cfg["vocab_size"], state, device, generator)  # creates m and v
+            step = (model, kind, length, args.pairs, cfg["vocab_size"], state, device, generator)
+            training_step(*step)  # creates m and v
             tokens = [0]
-            seconds, peak, _ = measure(lambda: tokens.__setitem__(0, training_step(
-                model, kind, length, cfg["vocab_size"], state, device, generator)), device)
+            seconds, peak, _ = measure(lambda: tokens.__setitem__(0, training_step(*step)), device)
             tokens_per_s = tokens[0] / seconds
             mfu = 6 * n_params * tokens_per_s / flops_peak if flops_peak else None
-            report(rows, measurement=f"{kind} training step", length=length, tokens_per_s=round(tokens_per_s, 1),
-                   seconds=round(seconds, 3), mfu=round(mfu, 3) if mfu else None, peak=peak)
+            report(rows, measurement=f"{kind} training step", length=length, batch=args.pairs,
+                   tokens_per_s=round(tokens_per_s, 1), seconds=round(seconds, 3), mfu=round(mfu, 3) if mfu else None,
+                   peak=peak, reserved=reserved_bytes(device))
             del state
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -213,7 +227,7 @@ def bench_sampling(model, cfg, args, device, rows, bandwidth):
 
 def print_table(rows):
     columns = ["measurement", "length", "batch", "tokens_per_s", "seconds", "mfu", "decode_bound_share", "ratio",
-               "peak_gib", "extra_gib"]
+               "peak_gib", "reserved_gib", "extra_gib"]
     print("\n| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
     for row in rows:
         print("| " + " | ".join("" if row.get(c) is None else str(row[c]) for c in columns) + " |")
@@ -224,6 +238,7 @@ def main():
     parser.add_argument("--config", choices=sorted(CONFIGS), default="tiny")
     parser.add_argument("--lengths", type=int, nargs="+", help="per-sequence lengths of the training steps")
     parser.add_argument("--batch_sizes", type=int, nargs="+", help="sequences decoded together when sampling")
+    parser.add_argument("--pairs", type=int, default=2, help="pairs per training micro-batch (the scripts' default)")
     parser.add_argument("--skip", nargs="*", default=[], choices=["training", "scoring", "optimizer", "sampling"])
     args = parser.parse_args()
     for key, value in DEFAULTS[args.config].items():
