@@ -31,7 +31,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, Gener
 from transformers.generation.configuration_utils import ContinuousBatchingConfig
 from transformers.hf_argparser import HfArg
 
-from prompts import chat_prompt, fill_pointwise
+from prompts import chat_prompt, fill_pointwise, reply_format, token_ids
 
 
 @dataclass
@@ -294,21 +294,21 @@ def save_model(model, tokenizer, path, summary):
 
 
 def encode(tokenizer, prompt, response=None):
-    """Token ids of the chat-formatted prompt and, for SFT data, of the response followed by EOS.
+    """Token ids of the chat-formatted prompt and, for SFT data, of the response and the chat format's end of turn
+    (prompts.reply_format: Llama-3-Instruct's <|eot_id|>).
 
     The response is tokenized together with its prompt, as the model saw it while sampling: tokenizers that add a
     prefix space (SentencePiece) or merge across the boundary would give other ids for the response alone.
     """
     text = chat_prompt(tokenizer, prompt)
-    prompt_ids = tokenizer(text, add_special_tokens=False).input_ids
+    prompt_ids = token_ids(tokenizer, text)
     if response is None:
         return prompt_ids
-    joint_ids = tokenizer(text + response, add_special_tokens=False).input_ids
+    lead, end = reply_format(tokenizer)
+    joint_ids = token_ids(tokenizer, text + lead + response + end)
     if joint_ids[: len(prompt_ids)] == prompt_ids:
-        response_ids = joint_ids[len(prompt_ids):]
-    else:
-        response_ids = tokenizer(response, add_special_tokens=False).input_ids
-    return prompt_ids, response_ids + [tokenizer.eos_token_id]
+        return prompt_ids, joint_ids[len(prompt_ids):]
+    return prompt_ids, token_ids(tokenizer, response + end)
 
 
 def collate(sequences, pad_id):

@@ -107,8 +107,9 @@ ANSWER_PREFIX = "[["
 # chat_prompt puts tokenizer.bos_token in front when there is one.
 FALLBACK_CHAT_FORMAT = "### Instruction:\n{user_text}\n\n### Response:\n"
 
-# Short fixed question used to find the identifier tokens at the answer position.
+# Short fixed question (and reply) used to read the chat format and the identifier tokens.
 _PROBE_QUESTION = "Which is better?"
+_PROBE_REPLY = "The first one."
 
 
 def _fill(template, **values):
@@ -142,8 +143,8 @@ def fill_pointwise(instruction, response):
 def chat_prompt(tokenizer, user_text):
     """One user turn as text, ending exactly where the assistant's reply begins.
 
-    Encode the result with add_special_tokens=False: BOS is already in the text (chat
-    templates normally write it themselves; the fallback format gets it prepended here).
+    Encode the result with token_ids: BOS is already in the text (chat templates normally write
+    it themselves; the fallback format gets it prepended here).
     """
     if tokenizer.chat_template:
         return tokenizer.apply_chat_template(
@@ -153,16 +154,50 @@ def chat_prompt(tokenizer, user_text):
     return (tokenizer.bos_token or "") + text
 
 
+def reply_format(tokenizer):
+    """(lead, end): the text the chat format writes before and after an assistant reply, right after
+    chat_prompt(...). Mistral-7B-Instruct-v0.3's template gives (" ", "</s>"), Llama-3-Instruct's
+    ("", "<|eot_id|>"); without a template, ("", EOS). Read from the template's own rendering of a
+    probe exchange, so that training sequences end the way the model's replies do.
+    """
+    if tokenizer.chat_template:
+        prompt = chat_prompt(tokenizer, _PROBE_QUESTION)
+        exchange = tokenizer.apply_chat_template(
+            [{"role": "user", "content": _PROBE_QUESTION},
+             {"role": "assistant", "content": _PROBE_REPLY}],
+            tokenize=False,
+        )
+        if exchange.startswith(prompt) and _PROBE_REPLY in exchange[len(prompt):]:
+            lead, end = exchange[len(prompt):].split(_PROBE_REPLY, 1)
+            return lead, end
+    return "", tokenizer.eos_token or ""
+
+
+def token_ids(tokenizer, text):
+    """Token ids of chat-formatted text (chat_prompt and what follows), special tokens as written.
+
+    A BOS written at the start becomes its id and the rest is encoded as a text of its own:
+    SentencePiece tokenizers mark the first word of a text ("\u2581###"), which the same word
+    after a BOS written as text would not get. Byte-level BPE (Llama-3) gives the same ids.
+    """
+    bos = tokenizer.bos_token
+    if bos and text.startswith(bos):
+        rest = tokenizer(text[len(bos):], add_special_tokens=False).input_ids
+        return [tokenizer.bos_token_id] + rest
+    return tokenizer(text, add_special_tokens=False).input_ids
+
+
 def identifier_token_ids(tokenizer):
-    """Token ids of "m" and "M" at the answer position, right after chat_prompt(...) + "[[".
+    """Token ids of "m" and "M" at the answer position: after chat_prompt(...), the reply's lead
+    (reply_format) and "[[".
 
     Raises ValueError if the tokenizer does not keep the identifier as a token of its own there.
     """
-    prefix = chat_prompt(tokenizer, _PROBE_QUESTION) + ANSWER_PREFIX
-    prefix_ids = tokenizer.encode(prefix, add_special_tokens=False)
+    prefix = chat_prompt(tokenizer, _PROBE_QUESTION) + reply_format(tokenizer)[0] + ANSWER_PREFIX
+    prefix_ids = token_ids(tokenizer, prefix)
     ids = []
     for identifier in JUDGE_IDS:
-        full_ids = tokenizer.encode(prefix + identifier + "]]", add_special_tokens=False)
+        full_ids = token_ids(tokenizer, prefix + identifier + "]]")
         if full_ids[: len(prefix_ids)] != prefix_ids or len(full_ids) <= len(prefix_ids):
             raise ValueError(
                 f"tokenizer {tokenizer.name_or_path!r}: the tokens of '...{ANSWER_PREFIX}"

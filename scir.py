@@ -35,7 +35,7 @@ from transformers.generation.configuration_utils import ContinuousBatchingConfig
 from transformers.hf_argparser import HfArg
 
 from prompts import (ANSWER_PREFIX, JUDGE_IDS, chat_prompt, fill_pointwise, identifier_token_ids,
-                     judge_prompts)
+                     judge_prompts, reply_format, token_ids)
 
 
 @dataclass
@@ -314,21 +314,23 @@ def save_model(model, tokenizer, path, summary):
 
 
 def encode(tokenizer, prompt, response=None, answer_prefix=""):
-    """Token ids of the chat-formatted prompt (+ answer_prefix) and, for SFT data, of the response followed by EOS.
+    """Token ids of the chat-formatted prompt (+ answer_prefix where the reply starts) and, for SFT data, of the
+    response and the chat format's end of turn (prompts.reply_format: Llama-3-Instruct's <|eot_id|>).
 
     The response is tokenized together with its prompt, as the model sees it when generating: tokenizers that add
     a prefix space (SentencePiece) or merge across the boundary would give other ids for the response alone.
     """
-    text = chat_prompt(tokenizer, prompt) + answer_prefix
-    prompt_ids = tokenizer(text, add_special_tokens=False).input_ids
+    text = chat_prompt(tokenizer, prompt)
+    if answer_prefix:
+        text += reply_format(tokenizer)[0] + answer_prefix
+    prompt_ids = token_ids(tokenizer, text)
     if response is None:
         return prompt_ids
-    joint_ids = tokenizer(text + response, add_special_tokens=False).input_ids
+    lead, end = reply_format(tokenizer)
+    joint_ids = token_ids(tokenizer, text + ("" if answer_prefix else lead) + response + end)
     if joint_ids[: len(prompt_ids)] == prompt_ids:
-        response_ids = joint_ids[len(prompt_ids):]
-    else:
-        response_ids = tokenizer(response, add_special_tokens=False).input_ids
-    return prompt_ids, response_ids + [tokenizer.eos_token_id]
+        return prompt_ids, joint_ids[len(prompt_ids):]
+    return prompt_ids, token_ids(tokenizer, response + end)
 
 
 def collate(sequences, pad_id):
@@ -925,9 +927,9 @@ def external_rewards(path, samples_rows, args):
     """
     tokenizer = reward_model_tokenizer(path)
     model = load_model(path, args, AutoModelForSequenceClassification).eval()
-    sequences = [tokenizer(tokenizer.apply_chat_template(
+    sequences = [token_ids(tokenizer, tokenizer.apply_chat_template(
         [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": s["response"]}],
-        tokenize=False), add_special_tokens=False).input_ids for row in samples_rows for s in row["samples"]]
+        tokenize=False)) for row in samples_rows for s in row["samples"]]
     rewards = []
     for start in tqdm(range(0, len(sequences), args.score_batch_size), desc=f"rewards of {path}"):
         batch = sequences[start: start + args.score_batch_size]
