@@ -848,16 +848,22 @@ def build_demo(out):
 
 
 # --- The loop: M0 -SFT-> M1 -CREAM-> M2 -CREAM-> M3 ... ---
+def given_flags(argv):
+    """Names of the flags written on the command line ('--name value' or '--name=value')."""
+    return {arg[2:].split("=")[0] for arg in argv if arg.startswith("--")}
+
+
 def parse_args(argv=None):
+    argv = sys.argv[1:] if argv is None else [str(arg) for arg in argv]
     parser = HfArgumentParser(Args)
     parser.allow_abbrev = False  # --num_sample is a typo, not --num_samples
     args, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     if unknown:
         fail(f"unknown argument {unknown[0]!r} (see --help)")
-    if args.demo:
-        defaults = {f.name: f.default for f in fields(Args)}
+    if args.demo:  # a flag written out wins, even when it repeats the default
+        given = given_flags(argv)
         for name, value in DEMO.items():
-            if getattr(args, name) == defaults[name]:
+            if name not in given:
                 setattr(args, name, value)
     check_ranges(args)
     if args.max_length <= args.max_new_tokens:

@@ -1195,16 +1195,22 @@ def build_demo(out):
 
 
 # --- The loop: base -SFT-> M0 -SCIR-> M1 -SCIR-> M2 -SCIR-> M3 ---
+def given_flags(argv):
+    """Names of the flags written on the command line ('--name value' or '--name=value')."""
+    return {arg[2:].split("=")[0] for arg in argv if arg.startswith("--")}
+
+
 def parse_args(argv=None):
+    argv = sys.argv[1:] if argv is None else [str(arg) for arg in argv]
     parser = HfArgumentParser(Args)
     parser.allow_abbrev = False  # --num_sample is a typo, not --num_samples
     args, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     if unknown:
         fail(f"unknown argument {unknown[0]!r} (see --help)")
-    defaults = {f.name: f.default for f in fields(Args)}
+    given = given_flags(argv)  # a flag written out wins, even when it repeats the default
     for enabled, overrides in ((args.demo, DEMO), (args.judge_sft_only, JUDGE_SFT_ONLY)):
         for name, value in overrides.items():
-            if enabled and getattr(args, name) == defaults[name]:
+            if enabled and name not in given:
                 setattr(args, name, value)
     check_ranges(args)
     if args.max_length <= args.max_new_tokens:
@@ -1218,7 +1224,7 @@ def parse_args(argv=None):
     if args.method != "scir" and ablations:  # the baselines' SFT has no pairwise judge examples (README)
         fail(f"{ablations[0]} belongs to --method scir; for an instruction-tuned model the baselines take --sft_epochs 0"
              if ablations[0] == "--judge_sft_only" else f"{ablations[0]} is an ablation of SCIR, not of --method {args.method}")
-    if args.method != "external" and args.reward_model != defaults["reward_model"]:
+    if args.method != "external" and "reward_model" in given:
         fail(f"--reward_model belongs to --method external, not to --method {args.method}")
     if args.sft_epochs == 0 and (args.global_reference or args.model) == args.model:
         fail("--sft_epochs 0 makes M0 the global reference itself, so P = 0.5 for every pair: pass --global_reference "

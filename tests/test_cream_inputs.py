@@ -381,3 +381,9 @@ def test_ctrl_c_ends_in_one_line(start_script, tiny_model_dir, data_dir, tmp_pat
     last = result.stderr.strip().splitlines()[-1]
     assert last == "cream.py: error: interrupted; rerun the same command to resume where it stopped"
     assert not (out / "M1").exists()
+
+
+def test_a_flag_written_out_wins_even_when_it_repeats_the_default():
+    """--demo's settings fill in only what the command line leaves out, also when it writes the default."""
+    args = cream.parse_args(["--demo", "--lr", "1e-6", "--sft_lr=1e-6"])
+    assert (args.lr, args.sft_lr, args.num_prompts) == (1e-6, 1e-6, 12)

@@ -424,3 +424,14 @@ def test_reward_model_without_a_chat_template_is_refused_before_sft(tiny_model_d
                                               "--reward_model", tiny_model_dir)))
     assert "--reward_model" in message and "no chat template" in message
     assert not (tmp_path / "out" / "M0").exists()
+
+
+def test_a_flag_written_out_wins_even_when_it_repeats_the_default():
+    """--judge_sft_only sets 1 epoch at lr 1e-7 (section 4.1) unless the command line says otherwise, also when
+    it says the plain default: --sft_epochs 5 trains 5 epochs."""
+    args = scir.parse_args(["--judge_sft_only", "--global_reference", "base", "--sft_epochs", "5",
+                            "--sft_lr=1e-6"])
+    assert (args.sft_epochs, args.sft_lr, args.length_reg_from) == (5, 1e-6, 2)
+    args = scir.parse_args(["--demo", "--iterations", "3", "--lr", "5e-7"])
+    assert (args.iterations, args.lr, args.num_prompts) == (3, 5e-7, 8)
+    error_of(lambda: scir.parse_args(["--reward_model", "Skywork/Skywork-Reward-Llama-3.1-8B"]))
