@@ -355,7 +355,7 @@ def sequence_logps(model, input_ids, attention_mask, response_mask):
     return torch.zeros(input_ids.shape[0], device=hidden.device).index_add(0, rows, logps)
 
 
-# --- Optimizer: AdamW in float32, written back to bfloat16 with stochastic rounding (memory.md, anchors #4) ---
+# --- Optimizer: AdamW in float32, written back to bfloat16 with stochastic rounding (README: one GPU) ---
 def stochastic_round_to_bf16(x):
     """float32 [...] -> bfloat16 [...], rounded up with probability equal to the distance, so E[result] = x."""
     bits = x.view(torch.int32) + torch.randint_like(x, 0, 1 << 16, dtype=torch.int32)  # noise below bf16's last bit
@@ -374,8 +374,6 @@ def adamw_step(params, state, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0
             continue
         if p not in state:
             state[p] = (torch.zeros_like(p), torch.zeros_like(p))
-        store = (lambda dst, src: dst.copy_(stochastic_round_to_bf16(src))) if p.dtype == torch.bfloat16 \
-            else (lambda dst, src: dst.copy_(src))
         flat = [t.view(-1) for t in (p, p.grad, *state[p])]
         for start in range(0, p.numel(), slice_size):
             weight, grad, m, v = (t[start: start + slice_size] for t in flat)
@@ -385,7 +383,9 @@ def adamw_step(params, state, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0
             weight32 = weight.float().mul_(1 - lr * weight_decay)
             denom = (v32 / (1 - betas[1] ** step)).sqrt_().add_(eps)
             weight32.addcdiv_(m32, denom, value=-lr / (1 - betas[0] ** step))
-            store(weight, weight32), store(m, m32), store(v, v32)
+            for stored, result in ((weight, weight32), (m, m32), (v, v32)):
+                bf16 = stored.dtype == torch.bfloat16  # else float32 (CPU): a plain copy
+                stored.copy_(stochastic_round_to_bf16(result) if bf16 else result)
 
 
 def learning_rate(step, total_steps, peak, warmup_ratio):
@@ -754,7 +754,7 @@ def extract_answer(reply, kind):
 
     Letters from a statement ('Answer: X', 'answer is (X)', '**Answer:** X', 'Answer: [X]',
     'Answer: \\boxed{X}'), then '\\boxed{X}', then '(X)', then a reply that is only 'X' or 'X.'.
-    Only upper case: the English word 'a' is never an answer (anchors #6). A statement needs a
+    Only upper case: the English word 'a' is never an answer (README: defects). A statement needs a
     separator after 'answer' (':', '=', '-', 'is'): 'Answer A would be wrong' is a mention.
     Numbers from '#### N', then 'Answer: N' ('**Answer:** N', 'Answer = N', 'Answer - N',
     'Answer: \\boxed{N}', and 'Answer: 7 + 3 = N' gives N), then '\\boxed{N}', then the last number.

@@ -399,7 +399,7 @@ def score_logps(path, model_path, sequences, tokenizer, args):
     return [row["logp"] for row in rows]
 
 
-# --- Optimizer: AdamW in float32, written back to bfloat16 with stochastic rounding (memory.md) ---
+# --- Optimizer: AdamW in float32, written back to bfloat16 with stochastic rounding (README: one GPU) ---
 def stochastic_round_to_bf16(x):
     """float32 [...] -> bfloat16 [...], rounded up with probability equal to the distance, so E[result] = x."""
     bits = x.view(torch.int32) + torch.randint_like(x, 0, 1 << 16, dtype=torch.int32)  # noise below bf16's last bit
@@ -418,8 +418,6 @@ def adamw_step(params, state, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0
             continue
         if p not in state:
             state[p] = (torch.zeros_like(p), torch.zeros_like(p))
-        store = (lambda dst, src: dst.copy_(stochastic_round_to_bf16(src))) if p.dtype == torch.bfloat16 \
-            else (lambda dst, src: dst.copy_(src))
         flat = [t.view(-1) for t in (p, p.grad, *state[p])]
         for start in range(0, p.numel(), slice_size):
             weight, grad, m, v = (t[start: start + slice_size] for t in flat)
@@ -429,7 +427,9 @@ def adamw_step(params, state, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0
             weight32 = weight.float().mul_(1 - lr * weight_decay)
             denom = (v32 / (1 - betas[1] ** step)).sqrt_().add_(eps)
             weight32.addcdiv_(m32, denom, value=-lr / (1 - betas[0] ** step))
-            store(weight, weight32), store(m, m32), store(v, v32)
+            for stored, result in ((weight, weight32), (m, m32), (v, v32)):
+                bf16 = stored.dtype == torch.bfloat16  # else float32 (CPU): a plain copy
+                stored.copy_(stochastic_round_to_bf16(result) if bf16 else result)
 
 
 def learning_rate(step, total_steps, peak, warmup_ratio):
@@ -645,7 +645,8 @@ def generative_preference(model, tokenizer, instructions, responses_1, responses
     With gradients when called under autograd; lengths |y| (tokens) default to those of the responses given.
     num_prompts=1 keeps template 1 in one order (the Table 4 ablation); per_prompt=True returns [B, num_prompts].
     """
-    token_count = lambda r: len(tokenizer(r, add_special_tokens=False).input_ids)
+    def token_count(r):
+        return len(tokenizer(r, add_special_tokens=False).input_ids)
     lengths_1 = lengths_1 or [token_count(r) for r in responses_1]
     lengths_2 = lengths_2 or [token_count(r) for r in responses_2]
     sequences, first_is_y1 = [], []
@@ -710,16 +711,20 @@ def scir_loss(policy_logps_1, policy_logps_2, global_ref_logps_1, global_ref_log
     p_irm = implicit_preference(policy_logps_1, policy_logps_2, global_ref_logps_1, global_ref_logps_2, beta)
     consistency = consistency_loss(p_irm, p_grm, tau)
     p, q = p_irm.detach(), p_grm.detach()
-    agree = (((p > 0.5) & (q > 0.5)) | ((p < 0.5) & (q < 0.5))).float()  # a tie (0.5) agrees with nothing
-    chosen = lambda logps_1, logps_2: torch.where(p > 0.5, logps_1, logps_2)  # y1 if the IRM prefers it, else y2
-    rejected = lambda logps_1, logps_2: torch.where(p > 0.5, logps_2, logps_1)
+    agreed = (((p > 0.5) & (q > 0.5)) | ((p < 0.5) & (q < 0.5))).float()  # a tie (0.5) agrees with nothing
+
+    def chosen(logps_1, logps_2):  # y1 if the IRM prefers it, else y2
+        return torch.where(p > 0.5, logps_1, logps_2)
+
+    def rejected(logps_1, logps_2):
+        return torch.where(p > 0.5, logps_2, logps_1)
     local = (chosen(local_ref_logps_1, local_ref_logps_2), rejected(local_ref_logps_1, local_ref_logps_2))
     global_ = (chosen(global_ref_logps_1, global_ref_logps_2), rejected(global_ref_logps_1, global_ref_logps_2))
     ref_logratio = adaptive_reference_logratio(*local, *global_) if adaptive_reference else local[0] - local[1]
     dpo = dpo_loss(chosen(policy_logps_1, policy_logps_2), rejected(policy_logps_1, policy_logps_2),
                    ref_logratio, torch.zeros_like(ref_logratio), beta)
-    return {"loss": (agree * dpo if dcpo else 0) + alpha * consistency, "dpo_loss": dpo, "consistency_loss": consistency,
-            "agree": agree, "p_irm": p_irm, "p_grm": p_grm}
+    return {"loss": (agreed * dpo if dcpo else 0) + alpha * consistency, "dpo_loss": dpo,
+            "consistency_loss": consistency, "agree": agreed, "p_irm": p_irm, "p_grm": p_grm}
 
 
 def pair_sequences(tokenizer, pair, max_length):
@@ -734,8 +739,12 @@ def pair_forward(model, tokenizer, batch, args, identifier_ids, alpha_l, per_pro
     input_ids, attention_mask, labels = (t.to(model.device) for t in collate(sequences, tokenizer.pad_token_id))
     logps = sequence_logps(model, input_ids, attention_mask, labels != -100).view(-1, 2)
     with torch.set_grad_enabled(torch.is_grad_enabled() and not args.no_consistency_loss):  # Q then only masks DPO
-        texts = lambda key: [p[key]["response"] for p in batch]
-        lengths = lambda key: [len(p[key]["token_ids"]) for p in batch]  # |y| as sampled, for the length penalty
+
+        def texts(key):
+            return [p[key]["response"] for p in batch]
+
+        def lengths(key):  # |y| as sampled, for the length penalty
+            return [len(p[key]["token_ids"]) for p in batch]
         p_grm = generative_preference(model, tokenizer, [p["prompt"] for p in batch], texts("response_1"),
                                       texts("response_2"), identifier_ids, alpha_l, args.max_length,
                                       lengths("response_1"), lengths("response_2"),
@@ -750,14 +759,16 @@ def scir_batch_loss(args, tokenizer, identifier_ids, alpha_l):
         # backward through both would hold the judge pass's weight gradients, 13.5 GiB at 7B, until
         # the policy pass's backward reached each layer (README: memory)
         copies = [x.detach().requires_grad_() for x in (policy_1, policy_2, p_grm)]
-        ref = lambda key: torch.tensor([p[key] for p in batch], device=model.device)
+
+        def ref(key):
+            return torch.tensor([p[key] for p in batch], device=model.device)
         terms = scir_loss(copies[0], copies[1], ref("global_logp_1"), ref("global_logp_2"), ref("local_logp_1"),
                           ref("local_logp_2"), copies[2], args.beta, 0.0 if args.no_consistency_loss else args.alpha,
                           args.tau, dcpo=not args.no_dcpo, adaptive_reference=not args.no_adaptive_reference)
-        agree = terms["agree"]
+        agreed = terms["agree"]
         return {"loss": terms["loss"].mean(), "consistency_loss": terms["consistency_loss"].mean().detach(),
-                "dpo_loss": (agree * terms["dpo_loss"]).mean().detach(),  # Eq. 7's DPO term, 0 where they disagree
-                "dcpo_fraction": agree.mean(),
+                "dpo_loss": (agreed * terms["dpo_loss"]).mean().detach(),  # Eq. 7's DPO term, 0 where they disagree
+                "dcpo_fraction": agreed.mean(),
                 "detached": [((policy_1, policy_2), copies[:2]), ((p_grm,), copies[2:])]}
     return loss_fn
 
@@ -792,7 +803,8 @@ def score_pairs(model_path_or_model, tokenizer, pairs, args, identifier_ids, alp
 
 def irm_preferences(scored, global_ref, beta):
     """P of Eq. 4 from stored log-probs: rows {logp_1, logp_2} of a model and of pi_ref^g -> list of P."""
-    column = lambda rows, key: torch.tensor([row[key] for row in rows], dtype=torch.float64)
+    def column(rows, key):
+        return torch.tensor([row[key] for row in rows], dtype=torch.float64)
     return implicit_preference(column(scored, "logp_1"), column(scored, "logp_2"), column(global_ref, "logp_1"),
                                column(global_ref, "logp_2"), beta).tolist()
 
@@ -953,7 +965,9 @@ def dpo_batch_loss(args, tokenizer):
         sequences = [p["sequences"][0] for p in batch] + [p["sequences"][1] for p in batch]  # chosen, rejected
         input_ids, attention_mask, labels = (t.to(model.device) for t in collate(sequences, tokenizer.pad_token_id))
         chosen, rejected = sequence_logps(model, input_ids, attention_mask, labels != -100).split(len(batch))
-        ref = lambda key: torch.tensor([p[key] for p in batch], device=model.device)
+
+        def ref(key):
+            return torch.tensor([p[key] for p in batch], device=model.device)
         losses = dpo_loss(chosen, rejected, ref("ref_chosen_logp"), ref("ref_rejected_logp"), args.beta)
         return {"loss": losses.mean(), "dpo_loss": losses.mean().detach()}
     return loss_fn
@@ -1311,11 +1325,22 @@ TRAINING_KEYS = ("pairs", "loss", "consistency_loss", "dpo_loss", "dcpo_fraction
                  "unusable_judgements", "consistency_trained", "counted_trained")  # how M_k was trained, on D_{k-1}
 
 
+def metrics_row(k, summary):
+    """The row of model M_k: what its own samples will add (None until then) and how it was trained (summary of
+    its training_summary.json; the baselines have no P/Q analysis)."""
+    return ({"model": f"M{k}", "iteration": k} | dict.fromkeys(SAMPLING_KEYS)
+            | {key: summary.get(key) for key in TRAINING_KEYS})
+
+
 def final_table(args, rows):
     """The run laid out like the paper: one row per model M_k (Table 2's rows; Table 1 and Figure 2's consistency on
     D_{t-1} and D_t; Figure 3's RewardBench accuracy), percentages -> markdown text."""
-    pct = lambda v: "-" if v is None else f"{100 * v:.2f}"
-    number = lambda v, spec: "-" if v is None else format(v, spec)
+
+    def pct(v):
+        return "-" if v is None else f"{100 * v:.2f}"
+
+    def number(v, spec):
+        return "-" if v is None else format(v, spec)
     header = ["Method", "Model", "Sample tokens", "Consistency D_t-1", "Consistency D_t", "Pairs", "DCPO %", "Loss"]
     with_reward_bench = any("reward_bench" in row for row in rows)
     header += ["RewardBench IRM", "RewardBench GRM", "RewardBench IRM = GRM"] if with_reward_bench else []
@@ -1426,9 +1451,7 @@ def run(args, out):
         else:
             run_sft(args, tokenizer, sft_rows, judge_rows, out)
 
-    new_row = lambda k, summary: ({"model": f"M{k}", "iteration": k} | dict.fromkeys(SAMPLING_KEYS)
-                                  | {key: summary.get(key) for key in TRAINING_KEYS})  # baselines: no P/Q analysis
-    rows = [new_row(0, {})]  # one row per model M_k, as in the paper's tables
+    rows = [metrics_row(0, {})]  # one row per model M_k, as in the paper's tables
     for t, (pool, too_long) in enumerate(pools):  # iteration t + 1 trains M_t into M_{t+1}
         it = out / f"iter{t + 1}"
         it.mkdir(exist_ok=True)
@@ -1443,7 +1466,7 @@ def run(args, out):
         lengths = [len(s["token_ids"]) for row in samples for s in row["samples"]]
         rows[t].update(response_length=sum(lengths) / len(lengths), too_long=too_long,
                        consistency_new=summary.get("consistency_new"), counted_new=summary.get("counted_new"))
-        rows.append(new_row(t + 1, summary))
+        rows.append(metrics_row(t + 1, summary))
         write_jsonl(out / "metrics.jsonl", rows)
     if args.eval_reward_bench:
         for k, scores in evaluate_reward_bench(args, tokenizer, bench, out, identifier_ids).items():
