@@ -24,7 +24,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig,
                           HfArgumentParser)
@@ -324,33 +323,76 @@ def collate(sequences, pad_id):
     return input_ids, attention_mask, labels
 
 
-HEAD_CHUNK = 1024  # positions per float32 LM-head chunk: one [1024, V] float32 tensor at a time
+VOCAB_SLICE = 8192  # LM-head rows per float32 slice: [N, 8192] float32 blocks, never [N, V]
+
+
+class TokenLogps(torch.autograd.Function):
+    """log pi(target) = logit[target] - logsumexp(logits), logits = hidden @ weight^T (+ bias) in float32,
+    VOCAB_SLICE head rows at a time: no pass holds an [N, V] tensor or a float32 copy of the whole head
+    (at Llama-3's 128K vocabulary that keeps every training step under 65 GiB: README). The backward
+    pass recomputes each slice; d logp / d logits = onehot(target) - softmax.
+    hidden [N, H], weight [V, H], bias [V] or None, targets [N] -> [N] float32.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets):
+        h = hidden.float()
+        lse = torch.full((h.shape[0],), -math.inf, device=h.device)
+        target_logits = torch.zeros_like(lse)
+        for start in range(0, weight.shape[0], VOCAB_SLICE):
+            rows = slice(start, start + VOCAB_SLICE)
+            logits = h @ weight[rows].float().T  # [N, VOCAB_SLICE]
+            if bias is not None:
+                logits += bias[rows].float()
+            lse = torch.logaddexp(lse, logits.logsumexp(-1))
+            inside = (targets >= start) & (targets < start + logits.shape[1])
+            column = (targets - start).clamp(0, logits.shape[1] - 1)[:, None]
+            target_logits += logits.gather(1, column).squeeze(1) * inside
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        return target_logits - lse
+
+    @staticmethod
+    def backward(ctx, grad):  # grad [N]
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        h = hidden.float()
+        grad_hidden, grad_weight = torch.zeros_like(h), torch.empty_like(weight)
+        grad_bias = None if bias is None else torch.empty_like(bias)
+        for start in range(0, weight.shape[0], VOCAB_SLICE):
+            rows = slice(start, start + VOCAB_SLICE)
+            w = weight[rows].float()
+            logits = h @ w.T
+            if bias is not None:
+                logits += bias[rows].float()
+            grad_logits = (logits - lse[:, None]).exp_().mul_(-grad[:, None])  # -softmax * grad
+            inside = (targets >= start) & (targets < start + w.shape[0])
+            column = (targets - start).clamp(0, w.shape[0] - 1)[:, None]
+            grad_logits.scatter_add_(1, column, (grad * inside)[:, None])  # + onehot * grad
+            grad_hidden.addmm_(grad_logits, w)
+            grad_weight[rows] = grad_logits.T @ h
+            if bias is not None:
+                grad_bias[rows] = grad_logits.sum(0)
+        return grad_hidden.to(hidden.dtype), grad_weight, grad_bias, None
 
 
 def token_logps(hidden, targets, head):
     """log pi(target) through a float32 LM head: hidden [N, H], targets [N] -> [N] float32."""
-    bias = None if head.bias is None else head.bias.float()
-    logits = F.linear(hidden.float(), head.weight.float(), bias)  # [N, V]
-    return logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)
+    return TokenLogps.apply(hidden, head.weight, head.bias, targets)
 
 
 def sequence_logps(model, input_ids, attention_mask, response_mask):
     """Summed log pi(y|x) over response tokens: [B, L] x3 -> [B] float32.
 
     The LM head runs only at the positions that predict a response token, in float32 (a bfloat16
-    head rounds a logit near 20 by up to 0.06: README), HEAD_CHUNK positions at a time, each chunk
-    recomputed in the backward pass rather than kept. Any transformers causal LM works (it has
-    get_decoder and get_output_embeddings); one that scales or caps its logits after the head
-    (Gemma 2, Cohere) needs that step added to token_logps.
+    head rounds a logit near 20 by up to 0.06: README), a slice of the vocabulary at a time
+    (TokenLogps). Any transformers causal LM works (it has get_decoder and get_output_embeddings);
+    one that scales or caps its logits after the head (Gemma 2, Cohere) needs that step added.
     """
     predicts_response = F.pad(response_mask[:, 1:].bool(), (0, 1), value=False)  # p predicts token p+1
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # left or right padding alike
     hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                  use_cache=False).last_hidden_state[predicts_response]  # [N, H]
     targets = input_ids[:, 1:][response_mask[:, 1:].bool()]
-    head = model.get_output_embeddings()
-    logps = torch.cat([checkpoint(token_logps, h, y, head, use_reentrant=False)
-                       for h, y in zip(hidden.split(HEAD_CHUNK), targets.split(HEAD_CHUNK))])
+    logps = token_logps(hidden, targets, model.get_output_embeddings())
     rows = predicts_response.nonzero()[:, 0]
     return torch.zeros(input_ids.shape[0], device=hidden.device).index_add(0, rows, logps)
 

@@ -123,13 +123,14 @@ def bench_training(model, cfg, args, device, rows, flops_peak):
     for kind in ("scir", "cream"):
         for length in args.lengths:
             state = {}
-            step = (model, kind, length, args.pairs, cfg["vocab_size"], state, device, generator)
+            pairs = args.pairs or (cream if kind == "cream" else scir).Args().batch_size  # SCIR 1, CREAM 2
+            step = (model, kind, length, pairs, cfg["vocab_size"], state, device, generator)
             training_step(*step)  # creates m and v
             tokens = [0]
             seconds, peak, _ = measure(lambda: tokens.__setitem__(0, training_step(*step)), device)
             tokens_per_s = tokens[0] / seconds
             mfu = 6 * n_params * tokens_per_s / flops_peak if flops_peak else None
-            report(rows, measurement=f"{kind} training step", length=length, batch=args.pairs,
+            report(rows, measurement=f"{kind} training step", length=length, batch=pairs,
                    tokens_per_s=round(tokens_per_s, 1), seconds=round(seconds, 3), mfu=round(mfu, 3) if mfu else None,
                    peak=peak, reserved=reserved_bytes(device))
             del state
@@ -238,7 +239,7 @@ def main():
     parser.add_argument("--config", choices=sorted(CONFIGS), default="tiny")
     parser.add_argument("--lengths", type=int, nargs="+", help="per-sequence lengths of the training steps")
     parser.add_argument("--batch_sizes", type=int, nargs="+", help="sequences decoded together when sampling")
-    parser.add_argument("--pairs", type=int, default=2, help="pairs per training micro-batch (the scripts' default)")
+    parser.add_argument("--pairs", type=int, help="pairs per training micro-batch; default: each script's --batch_size")
     parser.add_argument("--skip", nargs="*", default=[], choices=["training", "scoring", "optimizer", "sampling"])
     args = parser.parse_args()
     for key, value in DEFAULTS[args.config].items():
