@@ -106,8 +106,9 @@ def training_step(model, kind, length, pairs, vocab, state, device, generator):
         p_first = scir.judge_probability(logits[:, 0], logits[:, 1], lengths, lengths, 0.02).view(pairs, 4)
         p_grm = torch.stack([p_first[:, 0], 1 - p_first[:, 1], p_first[:, 2], 1 - p_first[:, 3]], 1).mean(1)
         copies = [x.detach().requires_grad_() for x in (logps, p_grm)]
-        loss = scir.scir_loss(copies[0][:, 0], copies[0][:, 1], ref[:, 0], ref[:, 1], ref[:, 0], ref[:, 1],
-                              copies[1], 0.1, 1.0, 0.7)["loss"].mean()
+        p_irm = scir.implicit_preference(copies[0][:, 0], copies[0][:, 1], ref[:, 0], ref[:, 1], 0.1)
+        loss = scir.scir_loss(copies[0][:, 0], copies[0][:, 1], p_irm, copies[1], ref[:, 0], ref[:, 1],
+                              ref[:, 0], ref[:, 1], 0.1, 1.0, 0.7)["loss"].mean()
         scir.backward({"loss": loss, "detached": [((logps,), copies[:1]), ((p_grm,), copies[1:])]}, 1.0)
     script.adamw_step([p for p in model.parameters()], state, 1e-6)
     model.zero_grad(set_to_none=True)

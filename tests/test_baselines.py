@@ -23,17 +23,22 @@ def bernoulli_terms(q, p):
     return kl + entropy
 
 
+def eq7(pi1, pi2, g1, g2, l1, l2, q, beta, alpha, tau):
+    """scir_loss with P of Eq. 4 under the global reference, composed as the training step does."""
+    p_irm = scir.implicit_preference(pi1, pi2, g1, g2, beta)
+    return scir.scir_loss(pi1, pi2, p_irm, q, l1, l2, g1, g2, beta, alpha, tau)
+
+
 def test_no_dcpo_keeps_only_the_consistency_loss():
     # P = sigmoid(beta * 2) with beta 1 -> 0.881 (confident), Q = 0.9 (confident, agrees)
     policy_1, zero = torch.tensor([2.0]), torch.zeros(1)
     p = 1 / (1 + math.exp(-2.0))
     q = 0.9
     expected = bernoulli_terms(q, p) + bernoulli_terms(p, q)
-    terms = scir.scir_loss(policy_1, zero, zero, zero, zero, zero, torch.tensor([q]), beta=1.0, alpha=1.0, tau=0.7,
-                           dcpo=False)
+    terms = eq7(policy_1, zero, zero, zero, zero, zero, torch.tensor([q]), beta=1.0, alpha=1.0, tau=0.7)
     assert terms["agree"].item() == 1.0
-    assert terms["loss"].item() == pytest.approx(expected, rel=1e-5)
-    with_dcpo = scir.scir_loss(policy_1, zero, zero, zero, zero, zero, torch.tensor([q]), beta=1.0, alpha=1.0, tau=0.7)
+    assert terms["consistency_loss"].item() == pytest.approx(expected, rel=1e-5)  # what --no_dcpo trains
+    with_dcpo = terms
     dpo = math.log(1 + math.exp(-2.0))  # -log sigmoid(2): chosen y1, reference ratio 0
     assert with_dcpo["loss"].item() == pytest.approx(expected + dpo, rel=1e-5)
 
@@ -47,9 +52,10 @@ def test_no_adaptive_reference_uses_the_local_reference_only():
     local_1, local_2 = torch.tensor([0.0]), torch.tensor([-5.0])
     q = torch.tensor([0.2])
     policy_margin = 0.0 - 1.0  # log pi(y2) - log pi(y1)
-    only_local = scir.scir_loss(policy_1, policy_2, global_1, global_2, local_1, local_2, q, beta, 0.0, 0.7,
-                                adaptive_reference=False)
-    adaptive = scir.scir_loss(policy_1, policy_2, global_1, global_2, local_1, local_2, q, beta, 0.0, 0.7)
+    p_irm = scir.implicit_preference(policy_1, policy_2, global_1, global_2, beta)
+    # the ablation as scir_batch_loss composes it: the local log-probs in the global reference's place too
+    only_local = scir.scir_loss(policy_1, policy_2, p_irm, q, local_1, local_2, local_1, local_2, beta, 0.0, 0.7)
+    adaptive = eq7(policy_1, policy_2, global_1, global_2, local_1, local_2, q, beta, 0.0, 0.7)
     assert only_local["agree"].item() == adaptive["agree"].item() == 1.0
     assert only_local["loss"].item() == pytest.approx(math.log(1 + math.exp(-beta * (policy_margin + 5.0))), rel=1e-6)
     assert adaptive["loss"].item() == pytest.approx(math.log(1 + math.exp(-beta * (policy_margin + 3.0))), rel=1e-6)
@@ -67,7 +73,7 @@ def test_single_judge_prompt_reads_one_prompt_only(monkeypatch, tiny_tokenizer):
     monkeypatch.setattr(scir, "identifier_logits", first_slot_logits)
     args = ("What is 2 + 3?",), ("5",), ("6",), (0, 1), 0.0, 700
     one = scir.generative_preference(None, tokenizer, *args, num_prompts=1)
-    four = scir.generative_preference(None, tokenizer, *args)
+    four = scir.generative_preference(None, tokenizer, *args).mean(-1)
     assert seen == [1, 4]
     assert one.item() == pytest.approx(1 / (1 + math.exp(-1.5)), rel=1e-6)
     assert four.item() == pytest.approx(0.5, abs=1e-7)
@@ -163,14 +169,20 @@ def test_ablation_from_a_later_model_samples_that_iterations_prompts(tmp_path, t
 
 
 def test_no_adaptive_reference_reaches_the_loss(monkeypatch, tmp_path, tiny_model_dir, data_dir):
-    """With the flag, training never asks for the adaptive reference of Appendix A; without it, it does."""
-    def refuse(*args):
-        raise AssertionError("adaptive reference used")
-    monkeypatch.setattr(scir, "adaptive_reference_logratio", refuse)
+    """With the flag, Appendix A's maximum only ever sees the local reference (in both places, so it
+    is the local ratio); without it, the global reference's log-probs, which differ from M0's."""
+    original, calls = scir.adaptive_reference_logratio, []
+
+    def recording(local_chosen, local_rejected, global_chosen, global_rejected):
+        calls.append(torch.equal(local_chosen, global_chosen) and torch.equal(local_rejected, global_rejected))
+        return original(local_chosen, local_rejected, global_chosen, global_rejected)
+    monkeypatch.setattr(scir, "adaptive_reference_logratio", recording)
     command = ["--model", tiny_model_dir, "--data_dir", data_dir, *map(str, SCIR_SMALL)]
     scir.main(command + ["--output_dir", str(tmp_path / "ablation"), "--no_adaptive_reference"])
-    with pytest.raises(AssertionError, match="adaptive reference used"):
-        scir.main(command + ["--output_dir", str(tmp_path / "full")])
+    assert calls and all(calls)
+    calls.clear()
+    scir.main(command + ["--output_dir", str(tmp_path / "full")])
+    assert calls and not any(calls)
 
 
 @pytest.mark.parametrize("reply, expected", [
@@ -292,7 +304,7 @@ def test_per_prompt_judge_probabilities(monkeypatch, tiny_tokenizer):
     """A judge that always names the first slot: y1 wins in the two prompts that show it first, loses in the others."""
     tokenizer = scir.load_tokenizer(tiny_tokenizer.name_or_path)
     monkeypatch.setattr(scir, "identifier_logits", lambda model, sequences, ids, pad: torch.tensor([[2.0, 0.5]] * len(sequences)))
-    per_prompt = scir.generative_preference(None, tokenizer, ("Q?",), ("5",), ("6",), (0, 1), 0.0, 700, per_prompt=True)
+    per_prompt = scir.generative_preference(None, tokenizer, ("Q?",), ("5",), ("6",), (0, 1), 0.0, 700)
     first = 1 / (1 + math.exp(-1.5))
     assert per_prompt.shape == (1, 4)
     assert per_prompt[0].tolist() == pytest.approx([first, 1 - first, first, 1 - first])
@@ -665,9 +677,9 @@ def test_table_1_consistency_uses_each_models_own_judge(monkeypatch, tmp_path, t
     with M_k's own length regularisation (on from --length_reg_from 2, i.e. for M1 and M2). A patched judge is
     unanimous (Q = 0.9) only when length regularisation is on, and split across its prompts otherwise."""
     def patched_judge(model, tokenizer, instructions, responses_1, responses_2, identifier_ids, alpha_l, max_length,
-                      lengths_1=None, lengths_2=None, num_prompts=4, per_prompt=False):
-        q = torch.tensor([[0.9] * 4 if alpha_l > 0 else [0.6, 0.4, 0.6, 0.4]] * len(instructions), device=model.device)
-        return q if per_prompt else q.mean(-1)
+                      lengths_1=None, lengths_2=None, num_prompts=4):
+        return torch.tensor([[0.9] * 4 if alpha_l > 0 else [0.6, 0.4, 0.6, 0.4]] * len(instructions),
+                            device=model.device)
     monkeypatch.setattr(scir, "generative_preference", patched_judge)
     out = tmp_path / "run"
     scir.main(["--model", tiny_model_dir, "--data_dir", data_dir, "--output_dir", str(out), *map(str, SCIR_SMALL),
@@ -786,7 +798,7 @@ def test_length_reg_0_ablation_turns_the_judges_length_penalty_off(monkeypatch, 
     original, seen = scir.generative_preference, []
 
     def recording(*args, **kwargs):
-        seen.append(args[6])  # alpha_l
+        seen.append(kwargs["alpha_l"] if "alpha_l" in kwargs else args[6])
         return original(*args, **kwargs)
     monkeypatch.setattr(scir, "generative_preference", recording)
     for flags, expected in ((["--length_reg", "0"], 0.0), ([], 0.02)):

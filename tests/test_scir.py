@@ -354,7 +354,7 @@ def test_generative_preference_position_biased_judge_gives_one_half(model, tok, 
     with torch.no_grad():
         for alpha_l in (0.0, 0.05):
             q = scir.generative_preference(rigged, tok, list(xs), list(y1s), list(y2s), ids_mM, alpha_l, 700)
-            assert q.tolist() == [0.5, 0.5]
+            assert q.mean(-1).tolist() == [0.5, 0.5]
 
 
 def test_generative_preference_judge_that_prefers_one_response(model, tok, ids_mM):
@@ -364,7 +364,7 @@ def test_generative_preference_judge_that_prefers_one_response(model, tok, ids_m
     rigged = Rigged(model, slot_boost(tok, model.config.vocab_size, ids_mM, [(favourite, other)], 30.0))
     with torch.no_grad():
         q = scir.generative_preference(rigged, tok, ["What is the capital of France?"] * 2, [favourite, other],
-                                       [other, favourite], ids_mM, 0.0, 700)
+                                       [other, favourite], ids_mM, 0.0, 700).mean(-1)
     assert q[0].item() > 1 - 1e-6 and q[1].item() < 1e-6
 
 
@@ -373,7 +373,7 @@ def test_generative_preference_matches_unpadded_brute_force(model, tok, ids_mM):
     with torch.no_grad():
         for alpha_l, lengths in ((0.0, None), (0.05, None), (0.05, ([3, 40], [25, 1]))):
             l1, l2 = lengths or (None, None)
-            q = scir.generative_preference(model, tok, xs, y1s, y2s, ids_mM, alpha_l, 700, l1, l2)
+            q = scir.generative_preference(model, tok, xs, y1s, y2s, ids_mM, alpha_l, 700, l1, l2).mean(-1)
             expected = [brute_q(model, tok, x, a, b, ids_mM, alpha_l, l1 and l1[k], l2 and l2[k]).item()
                         for k, (x, a, b) in enumerate(PAIRS)]
             assert q.tolist() == pytest.approx(expected, abs=2e-5)
@@ -417,6 +417,12 @@ def hand_scir(pi1, pi2, g1, g2, l1, l2, q, beta, alpha, tau):
     return agree * dpo + alpha * cons, float(agree), dpo, d_pi1, d_pi2, alpha * d_q
 
 
+def eq7(pi1, pi2, g1, g2, l1, l2, q, beta, alpha, tau):
+    """scir_loss with P of Eq. 4 under the global reference, composed as the training step does."""
+    p_irm = scir.implicit_preference(pi1, pi2, g1, g2, beta)
+    return scir.scir_loss(pi1, pi2, p_irm, q, l1, l2, g1, g2, beta, alpha, tau)
+
+
 def test_scir_loss_eq7_hand_cases():
     beta, alpha, tau = 0.5, 0.5, 0.7
     cases = [  # pi1, pi2, g1, g2, l1, l2, q
@@ -428,7 +434,7 @@ def test_scir_loss_eq7_hand_cases():
     cols = list(zip(*cases))
     t = lambda k, grad=False: torch.tensor(cols[k], dtype=torch.float64, requires_grad=grad)
     pi1, pi2, q = t(0, True), t(1, True), t(6, True)
-    out = scir.scir_loss(pi1, pi2, t(2), t(3), t(4), t(5), q, beta, alpha, tau)
+    out = eq7(pi1, pi2, t(2), t(3), t(4), t(5), q, beta, alpha, tau)
     out["loss"].sum().backward()
     for k, case in enumerate(cases):
         loss, agree, dpo, d_pi1, d_pi2, d_q = hand_scir(*case, beta, alpha, tau)
@@ -473,7 +479,7 @@ def make_pairs(tok):
 
 def test_judge_path_alone_has_gradient(model, tok, ids_mM):
     xs, y1s, y2s = map(list, zip(*TRAIN_PAIRS))
-    q = scir.generative_preference(model, tok, xs, y1s, y2s, ids_mM, 0.02, 700)
+    q = scir.generative_preference(model, tok, xs, y1s, y2s, ids_mM, 0.02, 700).mean(-1)
     q.sum().backward()
     code = grads(model)
     model.zero_grad(set_to_none=True)
@@ -491,18 +497,20 @@ def test_judge_path_alone_has_gradient(model, tok, ids_mM):
         torch.testing.assert_close(code[name], brute[name].to(code[name].dtype), rtol=1e-3, atol=1e-6)
 
 
-@pytest.mark.parametrize("term", ["dpo", "consistency"])
+@pytest.mark.parametrize("term", ["dpo", "dpo_local", "consistency"])
 def test_scir_batch_loss_gradients_reach_the_policy(model, tok, ids_mM, term):
     """A micro-batch of 2 pairs through scir_batch_loss (pair_forward + scir_loss), against the same Eq. 7 written
     by hand on brute-force log-probs and Q: loss and every parameter gradient.
 
     The random judge is nudged (+0.6 on the identifier of a favourite response) so that Q is clearly off 0.5
     (0.65 for y1 in pair 0, 0.35 in pair 1) but not confident (< tau): the pairs' agreement is then decided by P alone.
+    "dpo_local" is Table 4's --no_adaptive_reference: the reference ratio is the local one, not the larger.
     """
     beta = 0.1
-    args = SimpleNamespace(max_length=700, beta=beta, alpha=0.0 if term == "dpo" else 1.0, tau=0.7,
+    dpo_term = term.startswith("dpo")
+    args = SimpleNamespace(max_length=700, beta=beta, alpha=0.0 if dpo_term else 1.0, tau=0.7,
                            single_judge_prompt=False, no_consistency_loss=False, no_dcpo=False,
-                           no_adaptive_reference=False)
+                           no_adaptive_reference=term == "dpo_local")
     favourites = [(TRAIN_PAIRS[0][1], TRAIN_PAIRS[0][2]), (TRAIN_PAIRS[1][2], TRAIN_PAIRS[1][1])]
     judge = Rigged(model, slot_boost(tok, model.config.vocab_size, ids_mM, favourites, 0.6))
     pairs = make_pairs(tok)
@@ -514,9 +522,13 @@ def test_scir_batch_loss_gradients_reach_the_policy(model, tok, ids_mM, term):
     for pair, (l1, l2), q in zip(pairs, logp, qs):
         # global reference shifted by 20 nats: P = sigmoid(+-2) = 0.88 or 0.12, confident, on Q's side for the
         # DPO case, against it for the consistency case
-        y1_wins = (q > 0.5) == (term == "dpo")
+        y1_wins = (q > 0.5) == dpo_term
         shift = 20.0 if y1_wins else -20.0
         pair.update(global_logp_1=l1 - shift, global_logp_2=l2, local_logp_1=l1 + 1.0, local_logp_2=l2 - 0.5)
+        if term == "dpo_local":  # a local ratio 5 below the global one: Appendix A would take the global
+            chosen, rejected = ("1", "2") if y1_wins else ("2", "1")
+            pair[f"local_logp_{chosen}"] = pair[f"global_logp_{chosen}"] - 5.0
+            pair[f"local_logp_{rejected}"] = pair[f"global_logp_{rejected}"]
         targets.append(y1_wins)
 
     loss_fn = scir.scir_batch_loss(args, tok, ids_mM, 0.0)
@@ -524,14 +536,16 @@ def test_scir_batch_loss_gradients_reach_the_policy(model, tok, ids_mM, term):
     scir.backward(metrics, 1.0)  # as train does: one backward per forward pass
     code = grads(model)
     model.zero_grad(set_to_none=True)
-    assert metrics["dcpo_fraction"].item() == (1.0 if term == "dpo" else 0.0)
+    assert metrics["dcpo_fraction"].item() == (1.0 if dpo_term else 0.0)
 
     total = 0
     for pair, (x, a, b), y1_wins in zip(pairs, TRAIN_PAIRS, targets):
         pi1, pi2 = brute_logp(model, tok, x, a), brute_logp(model, tok, x, b)
         g1, g2, l1, l2 = (pair[k] for k in ("global_logp_1", "global_logp_2", "local_logp_1", "local_logp_2"))
-        if term == "dpo":  # alpha = 0: only the DPO term on the agreed winner with the adaptive reference
+        if dpo_term:  # alpha = 0: only the DPO term on the agreed winner with the adaptive reference
             pc, pr, ref = (pi1, pi2, max(l1 - l2, g1 - g2)) if y1_wins else (pi2, pi1, max(l2 - l1, g2 - g1))
+            if term == "dpo_local":
+                ref = (l1 - l2) if y1_wins else (l2 - l1)
             total = total - torch.nn.functional.logsigmoid(beta * ((pc - pr) - ref))
         else:  # disagreement, no DPO; P confident, Q not: only KL(Q||sg P) + H(Q) = -Q log P - (1-Q) log(1-P),
             # linear in Q, P a constant
@@ -926,5 +940,5 @@ def test_a_tie_in_either_reward_model_is_not_agreement():
     zeros = torch.zeros(3)
     policy_1 = torch.tensor([-1.0, 1.0, 1.0])  # P < 0.5, P > 0.5, P > 0.5 (global reference 0)
     p_grm = torch.tensor([0.5, 0.5, 0.9])
-    terms = scir.scir_loss(policy_1, zeros, zeros, zeros, zeros, zeros, p_grm, beta=1.0, alpha=1.0, tau=0.7)
+    terms = eq7(policy_1, zeros, zeros, zeros, zeros, zeros, p_grm, beta=1.0, alpha=1.0, tau=0.7)
     assert terms["agree"].tolist() == [0.0, 0.0, 1.0]
