@@ -91,6 +91,9 @@ class Args:
     # analyses
     eval_reward_bench: bool = HfArg(default=False, help=(
         "Figure 3: IRM, GRM and their agreeing subset of each M_k on RewardBench"))
+    evaluate: bool = HfArg(default=False, help=(
+        "Table 2's GSM8K and MMLU: greedy zero-shot exact match of each M_k (offline: eval.jsonl)"))
+    eval_limit: int = HfArg(default=0, help="score the first N questions of each task (0: all)")
     # hardware and batching (not in the paper)
     batch_size: int = HfArg(default=1, help=(
         "pairs (SFT sequences) per forward pass: 1 keeps Llama-3-8B under 65 GiB (README)"))
@@ -442,17 +445,18 @@ def cache_config(model, num_requests, longest):
 
 
 @torch.no_grad()
-def sample_responses(model, tokenizer, prompts, args, num_samples=None):
-    """N samples per prompt with continuous batching (generate_batch: paged KV cache, no padding)
-    -> per prompt [{response, token_ids (as sampled, stop token included), finished}]."""
+def sample_responses(model, tokenizer, prompts, args, num_samples=None, greedy=False):
+    """N samples (or one greedy reply) per prompt with continuous batching (generate_batch: paged
+    KV cache, no padding) -> per prompt [{response, token_ids (stop token included), finished}]."""
     if model.device.type == "cpu":  # it logs that psutil is missing on every CPU call
         logging.getLogger("ContinuousBatchingLogger").setLevel(logging.CRITICAL)
     model_eos = model.generation_config.eos_token_id
     eos_ids = {tokenizer.eos_token_id} | set(model_eos if isinstance(model_eos, list)
                                              else [model_eos] if model_eos else [])
-    num_samples = num_samples or args.num_samples
-    config = GenerationConfig(do_sample=True, temperature=args.temperature, top_p=args.top_p,
-                              top_k=0, max_new_tokens=args.max_new_tokens,
+    num_samples = 1 if greedy else num_samples or args.num_samples
+    sampling = dict(do_sample=False) if greedy else dict(
+        do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=0)
+    config = GenerationConfig(**sampling, max_new_tokens=args.max_new_tokens,
                               num_return_sequences=num_samples, eos_token_id=sorted(eos_ids),
                               pad_token_id=tokenizer.pad_token_id)
     inputs = [encode(tokenizer, p) for p in prompts]
@@ -705,7 +709,7 @@ def scir_iteration(args, tokenizer, samples, t, out, identifier_ids):
 # --- The loop: base -SFT-> M0 -SCIR-> M1 -SCIR-> M2 -SCIR-> M3 (section 4.1) ---
 def run(args, out):
     """SFT, the iterations, the analyses and the final table, in out; each finished step is kept."""
-    tokenizer, identifier_ids, sft_rows, judge_rows, pools, bench = prepare(args, out)
+    tokenizer, identifier_ids, sft_rows, judge_rows, pools, bench, tests = prepare(args, out)
     if not model_ready(out / "M0"):
         run_sft(args, tokenizer, sft_rows, judge_rows, out)
     rows = [metrics_row(0, {})]  # one row per model M_k, as in the paper's tables
@@ -729,6 +733,9 @@ def run(args, out):
     if args.eval_reward_bench:
         for k, scores in evaluate_reward_bench(args, tokenizer, bench, out, identifier_ids).items():
             rows[k]["reward_bench"] = scores
+    if args.evaluate:
+        for k, accuracy in evaluate_models(args, tokenizer, tests, out).items():
+            rows[k]["evaluation"] = accuracy
     write_jsonl(out / "metrics.jsonl", rows)
     table = final_table(args, rows)
     (out / "table.md.tmp").write_text(table)
@@ -1049,11 +1056,101 @@ def evaluate_reward_bench(args, tokenizer, pairs, out, identifier_ids):
     return results
 
 
+# --- Table 2's GSM8K and MMLU columns: greedy, zero-shot, exact match ---
+# Only test questions get this line; the prompt pool keeps Alpaca's prompts as they are
+EVAL_SUFFIX = {
+    "choice": "\n\nEnd your reply with 'Answer: X', where X is the letter of the correct option.",
+    "number": "\n\nSolve it step by step and end your reply with 'Answer: N', where N is the final "
+              "number."}
+NUMBER = r"-?(?:\d[\d,]*(?:\.\d+)?|\.\d+)"  # '.5' too
+# 'Answer:', 'Answer =', 'Answer -', 'answer is', '**Answer:**'; not 'Answer A would be wrong'
+STATED = r"(?i:answer)\**(?:\s*[:=-]|\s+(?i:is)\b)[\s:*]*"
+BOXED = r"\$?\\boxed\{"
+# '7 + 3 = ' before the number: the answer is the number after the last '='
+EXPRESSION = r"(?:[-+*/×÷()\d,$](?:[-+*/×÷()\d,$ \t]|\.(?=\d))*=[ \t]*)*"
+
+
+def answer_kind(answer):
+    return "choice" if re.fullmatch(r"[A-E]", answer) else "number"
+
+
+def eval_prompt(row):
+    """A test question as the model sees it: the question, then how to state the answer."""
+    return row["prompt"] + EVAL_SUFFIX[answer_kind(row["answer"])]
+
+
+def extract_answer(reply, kind):
+    """The answer a reply gives: a letter A-E or a number without commas; None if it gives none.
+
+    Letters from a statement ('Answer: X', 'answer is (X)', '**Answer:** X', 'Answer: [X]',
+    'Answer: \\boxed{X}'), then '\\boxed{X}', then '(X)', then a reply that is only 'X' or 'X.'.
+    Only upper case: the English word 'a' is never an answer. A statement needs a separator after
+    'answer' (':', '=', '-', 'is'): 'Answer A would be wrong' is a mention. Numbers from '#### N',
+    then 'Answer: N' ('Answer = N', 'Answer: \\boxed{N}', 'Answer: 7 + 3 = N' gives N), then
+    '\\boxed{N}', then the last number.
+    """
+    if kind == "choice":
+        stated = re.findall(STATED + rf"(?:(?i:option)\s*)?[\[(]?\**(?:{BOXED})?([A-E])\b"
+                            r"(?![.]?[a-z])(?:[*\])}]*\s+(?:or|and)\s+[\[(]?\**([A-E])\b)?", reply)
+        if stated:  # 'Answer: B or C' hedges, and answers nothing
+            first, alternative = stated[-1]
+            return first if not alternative or alternative == first else None
+        patterns = [r"\\boxed\{([A-E])\}", r"\(([A-E])\)", r"^\s*\**([A-E])\**[.)]?\s*$"]
+    else:  # 'Answer - 18': a dash; 'Answer: -18': a sign
+        patterns = [rf"####\s*\$?({NUMBER})",
+                    rf"(?i:answer)(?:\s*(?i:is))?[\s:*=]*(?:-\s+)?\$?\**(?:{BOXED})?{EXPRESSION}"
+                    rf"\$?({NUMBER})",
+                    rf"\\boxed\{{\s*\$?({NUMBER})\s*\}}",
+                    rf"({NUMBER})"]
+    for pattern in patterns:
+        found = re.findall(pattern, reply)
+        if found:
+            return found[-1].replace(",", "") if kind == "number" else found[-1]
+    return None
+
+
+def is_correct(extracted, answer):
+    if extracted is None:
+        return False
+    if answer_kind(answer) == "choice":
+        return extracted == answer
+    return math.isclose(float(extracted), float(answer.replace(",", "")), abs_tol=1e-6)
+
+
+def greedy_answers(model, tokenizer, tests, args):
+    """One greedy reply per test question -> rows with the extracted answer and its score."""
+    replies = sample_responses(model.eval(), tokenizer, [eval_prompt(row) for row in tests], args,
+                               greedy=True)
+    rows = []
+    for row, (reply,) in zip(tests, replies):
+        extracted = extract_answer(reply["response"], answer_kind(row["answer"]))
+        rows.append(dict(row, reply=reply["response"], extracted=extracted,
+                         correct=is_correct(extracted, row["answer"])))
+    return rows
+
+
+def evaluate_models(args, tokenizer, tests, out):
+    """Exact match of M0 (SFT) .. M_T on each task -> {k: {task: accuracy}}; replies in eval/."""
+    (out / "eval").mkdir(exist_ok=True)
+    limit = f"-first{args.eval_limit}" if args.eval_limit else ""
+    results = {}
+    for k in range(args.iterations + 1):
+        rows = cached_jsonl(out / "eval" / f"M{k}{limit}.jsonl", lambda: greedy_answers(
+            load_model(out / f"M{k}", args), tokenizer, tests, args), tests,
+            keys=("task", "prompt", "answer"))
+        results[k] = {}
+        for row in rows:
+            results[k].setdefault(row["task"], []).append(row["correct"])
+        results[k] = {task: sum(hits) / len(hits) for task, hits in results[k].items()}
+    return results
+
+
 # --- The final table: one row per model M_k, as in the paper's tables ---
 METHOD_NAMES = {"scir": "Self-Consistent Internal Rewards",
                 "srlm": "Self-Rewarding (LLM-as-a-Judge)",
                 "irm": "Self-Rewarding (Implicit Reward Model)",
                 "external": "External Reward Model"}
+TASK_NAMES = {"gsm8k": "GSM8K", "mmlu": "MMLU"}
 SAMPLING_KEYS = ("response_length", "too_long", "consistency_new", "counted_new")  # M_k's samples
 TRAINING_KEYS = ("pairs", "loss", "consistency_loss", "dpo_loss", "dcpo_fraction",
                  "consistency_rate", "unusable_judgements", "consistency_trained",
@@ -1067,8 +1164,8 @@ def metrics_row(k, summary):
 
 
 def final_table(args, rows):
-    """Table 2's rows, Table 1 / Figure 2's consistency on D_{t-1} and D_t, Figure 3's RewardBench
-    accuracy (percentages) -> markdown."""
+    """Table 2's rows (with its GSM8K and MMLU exact match), Table 1 / Figure 2's consistency on
+    D_{t-1} and D_t, Figure 3's RewardBench accuracy (percentages) -> markdown."""
     def cell(value, spec):
         return "-" if value is None else format(100 * value if spec == "%" else value,
                                                 ".2f" if spec == "%" else spec)
@@ -1077,6 +1174,8 @@ def final_table(args, rows):
     with_reward_bench = any("reward_bench" in row for row in rows)
     if with_reward_bench:
         header += ["RewardBench IRM", "RewardBench GRM", "RewardBench IRM = GRM"]
+    tasks = list(rows[0].get("evaluation", {}))
+    header += [TASK_NAMES.get(task, task) for task in tasks]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for k, row in enumerate(rows):
         cells = [METHOD_NAMES[args.method] if k == 0 else "", row["model"],
@@ -1086,6 +1185,7 @@ def final_table(args, rows):
         if with_reward_bench:
             cells += [cell(row["reward_bench"][name]["average"], "%")
                       for name in ("irm", "grm", "consistency")]
+        cells += [cell(row["evaluation"][task], "%") for task in tasks]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -1241,6 +1341,33 @@ def load_reward_bench(args):
         print(f"note: {len(rows) - len(usable)} RewardBench pairs with an empty side or the same "
               f"text on both sides are left out: no reward model can label them")
     return usable
+
+
+def load_eval_data(args):
+    """Table 2's GSM8K and MMLU test questions, or eval.jsonl in --data_dir -> [{task, prompt,
+    answer}]: a letter (options written 'A. ...' in the prompt) or a number."""
+    if args.data_dir is not None:
+        path = Path(args.data_dir) / "eval.jsonl"
+        if not path.is_file():
+            fail(f"{path} is missing (--evaluate)")
+        tests = read_jsonl(path, ["task", "prompt", "answer"])
+        for number, row in enumerate(tests, 1):
+            if not re.fullmatch(rf"[A-E]|{NUMBER}", row["answer"]):
+                fail(f"{path}: row {number}: answer {row['answer']!r} is neither a letter A-E "
+                     f"nor a number")
+        return tests
+    from datasets import load_dataset
+    try:
+        gsm8k = load_dataset("openai/gsm8k", "main", split="test")
+        mmlu = load_dataset("cais/mmlu", "all", split="test")
+    except Exception as e:
+        fail(f"cannot load GSM8K or MMLU ({type(e).__name__}); offline, put eval.jsonl in "
+             f"--data_dir (see README)")
+    tests = [{"task": "gsm8k", "prompt": r["question"],
+              "answer": r["answer"].split("####")[-1].strip().replace(",", "")} for r in gsm8k]
+    return tests + [{"task": "mmlu", "prompt": r["question"] + "".join(
+        f"\n{'ABCD'[i]}. {choice}" for i, choice in enumerate(r["choices"])),
+        "answer": "ABCD"[r["answer"]]} for r in mmlu]
 
 
 # --- Plumbing: models, one resident at a time (reference log-probs are precomputed) ---
@@ -1463,7 +1590,8 @@ def parse_args(argv=None):
 AT_LEAST = {"iterations": 1, "num_prompts": 1, "num_samples": 2, "max_new_tokens": 1,
             "max_length": 2, "batch_size": 1, "grad_accum": 1, "epochs": 1, "score_batch_size": 2,
             "judge_pairs": 1, "length_reg_from": 1, "sft_epochs": 0, "sft_examples": 0,
-            "prompt_offset": 0, "seed": 0, "sft_lr": 0, "lr": 0, "alpha": 0, "length_reg": 0}
+            "prompt_offset": 0, "seed": 0, "sft_lr": 0, "lr": 0, "alpha": 0, "length_reg": 0,
+            "eval_limit": 0}
 ABOVE_ZERO = ("temperature", "beta", "max_grad_norm")
 
 
@@ -1522,7 +1650,7 @@ def check_method(args, given):
               f"model, --global_reference mistralai/Mistral-7B-v0.3", file=sys.stderr)
 
 
-AFTER_THE_FACT = ("output_dir", "eval_reward_bench")  # they touch no training file
+AFTER_THE_FACT = ("output_dir", "eval_reward_bench", "evaluate", "eval_limit")  # no training file
 
 
 def check_same_settings(out, args, data_sha256):
@@ -1556,7 +1684,8 @@ def check_same_settings(out, args, data_sha256):
 # --- Plumbing: everything checked before the first file is written ---
 def prepare(args, out):
     """Data, tokenizer and models checked, the prompt pool of each iteration, then args.json ->
-    (tokenizer, identifier ids, SFT rows, judge rows, [(pool, too long)], RewardBench pairs)."""
+    (tokenizer, identifier ids, SFT rows, judge rows, [(pool, too long)], RewardBench pairs,
+    test questions)."""
     if args.demo:
         args.model, args.data_dir = build_demo(out)
     sft_rows, judge_rows, prompt_rows = load_data(args)
@@ -1578,8 +1707,23 @@ def prepare(args, out):
     check_models(args, tokenizer)
     pools = iteration_pools(tokenizer, prompt_rows, per_iteration, args)
     bench = reward_bench_pairs(tokenizer, bench_rows, args) if args.eval_reward_bench else None
+    tests = eval_questions(tokenizer, load_eval_data(args), args) if args.evaluate else None
     check_same_settings(out, args, hashlib.sha256(data).hexdigest())  # from here on, files
-    return tokenizer, identifier_ids, sft_rows, judge_rows, pools, bench
+    return tokenizer, identifier_ids, sft_rows, judge_rows, pools, bench, tests
+
+
+def eval_questions(tokenizer, tests, args):
+    """The test questions scored (each task's first --eval_limit), each leaving room to reply."""
+    scored, seen = [], {}
+    for number, row in enumerate(tests, 1):
+        seen[row["task"]] = seen.get(row["task"], 0) + 1
+        if args.eval_limit and seen[row["task"]] > args.eval_limit:
+            continue
+        if len(encode(tokenizer, eval_prompt(row))) > args.max_length - args.max_new_tokens:
+            fail(f"eval row {number} (task {row['task']}): the question is longer than "
+                 f"--max_length - --max_new_tokens")
+        scored.append(row)
+    return scored
 
 
 def iteration_pools(tokenizer, prompt_rows, per_iteration, args):
