@@ -404,9 +404,8 @@ def measure_no_grad(name, shape, layers=None, fake=True, lengths=(1024, 1024), m
             args = cream.Args()
             prompt_ids = cream.encode(tokenizer, prompt_text(tokenizer, cream.encode, prompt))
             ids = response(tokenizer, response_tokens, "a")[1]
-            with patched(cream, load_model=lambda path, args: model):
-                cream.score_logps("model", [(prompt_ids, ids)] * args.score_batch_size, tokenizer,
-                                  args, "score")
+            cream.score_logps(model.eval(), [(prompt_ids, ids)] * args.score_batch_size,
+                              tokenizer.pad_token_id, args.score_batch_size, "score")
         else:
             args = replace(scir.Args(), max_length=prompt + response_tokens)
             pairs = scir_pairs(tokenizer, args.score_batch_size // 2, prompt, response_tokens,

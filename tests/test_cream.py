@@ -223,18 +223,34 @@ def test_top_order_consistency_with_two_responses_equals_kendall():
     assert cream.measured_consistency(rows, "kendall") == pytest.approx(2 / 3)
 
 
-def test_reversal_warning_hand_cases():
+def test_reversal_warning_hand_cases(capsys):
     """Issue 10: C < 0.5 makes line 14 weight the reversed pair more; a warning names the C, or per
     pair the number of pairs below 0.5 (here 0.2 and 0.4 of four); C >= 0.5 warns nothing."""
-    dataset = cream.reversal_warning(1, [{"consistency": 0.43}] * 3, "dataset")
+    def warning(t, pairs, scope):
+        cream.check_pairs(t, pairs, scope, unusable=0)
+        captured = capsys.readouterr()
+        assert captured.out == ""
+        return captured.err
+
+    dataset = warning(1, [{"consistency": 0.43}] * 3, "dataset")
     assert dataset.startswith("cream.py: warning: iteration 1: C = 0.4300 < 0.5")
-    assert "\n" not in dataset and "M1 ranks worse" in dataset and "C below 0.5" in dataset
-    per_pair = cream.reversal_warning(2, [{"consistency": c} for c in (0.2, 0.6, 0.4, 0.5)], "pair")
+    assert dataset.count("\n") == 1 and "M1 ranks worse" in dataset and "C below 0.5" in dataset
+    per_pair = warning(2, [{"consistency": c} for c in (0.2, 0.6, 0.4, 0.5)], "pair")
     assert per_pair.startswith(
         "cream.py: warning: iteration 2: 2 of 4 pairs have their own C < 0.5")
     assert "M2 ranks worse" in per_pair
-    assert cream.reversal_warning(1, [{"consistency": 0.5}] * 2, "dataset") is None
-    assert cream.reversal_warning(1, [{"consistency": c} for c in (0.5, 0.9, 1.0)], "pair") is None
+    assert warning(1, [{"consistency": 0.5}] * 2, "dataset") == ""
+    assert warning(1, [{"consistency": c} for c in (0.5, 0.9, 1.0)], "pair") == ""
+
+
+def test_no_pair_is_a_one_line_error():
+    """An iteration whose prompts all tie has nothing to train on; P-SRLM says why."""
+    for unusable, tail in ((0, "no pair to train on"), (7, "(7 judgements gave no score)")):
+        with pytest.raises(SystemExit) as exit_info:
+            cream.check_pairs(2, [], "dataset", unusable)
+        message = str(exit_info.value.code)
+        assert message.startswith("cream.py: error: iteration 2: no prompt has two responses")
+        assert message.endswith(tail) and "\n" not in message
 
 
 # --- 4-6: Theorem 3.3, Lemma 3.4, soft DPO loss ---
@@ -450,13 +466,29 @@ def test_build_pairs_argmax_argmin_skip_ties_and_match_by_id():
     assert [p["consistency"] for p in per_pair] == pytest.approx([2 / 3, 1 / 3, 1.0])
 
 
+def per_prompt(values, n=3):
+    """[P * N] log-probs, prompt by prompt -> the [P, N] float64 tensor the reward functions take."""
+    return torch.tensor(values, dtype=torch.float64).view(-1, n)
+
+
+def test_dpo_rewards_hand_numbers():
+    """Eq. 3.9 (lines 6 and 8): r = log pi_t - log pi_0, r' = log pi_{t-1} - log pi_0, and at
+    t = 1 r' = log pi_0 itself."""
+    logps_t, logps_prev, logps_0 = (per_prompt(v, 2) for v in ([-1.0, -3.0], [-2.0, -2.5],
+                                                                [-1.5, -2.0]))
+    r, r_prev = cream.dpo_rewards(logps_t, logps_prev, logps_0)
+    assert r.tolist() == [[0.5, -1.0]] and r_prev.tolist() == [[-0.5, -0.5]]
+    r, r_prev = cream.dpo_rewards(logps_t, None, logps_0)
+    assert r.tolist() == [[0.5, -1.0]] and r_prev.tolist() == [[-1.5, -2.0]]
+
+
 def test_rewards_and_consistency_hand_numbers():
     samples = [sample_row("a", ["x", "y", "z"]), sample_row("b", ["u", "v", "w"])]
-    logps_t = [-10.0, -12.0, -11.0, -20.0, -21.0, -22.0]
-    logps_prev = [-10.5, -11.0, -13.0, -20.0, -20.5, -23.0]
-    logps_0 = [-11.0, -11.0, -11.0, -19.0, -22.0, -20.0]
+    logps_t = per_prompt([-10.0, -12.0, -11.0, -20.0, -21.0, -22.0])
+    logps_prev = per_prompt([-10.5, -11.0, -13.0, -20.0, -20.5, -23.0])
+    logps_0 = per_prompt([-11.0, -11.0, -11.0, -19.0, -22.0, -20.0])
 
-    first = cream.rewards_and_consistency(samples, logps_t, None, logps_0, t=1)
+    first = cream.rewards_and_consistency(samples, logps_t, None, logps_0)  # t = 1
     assert [row["id"] for row in first] == ["a", "b"]
     assert first[0]["r"] == [1.0, -1.0, 0.0] and first[1]["r"] == [-1.0, 1.0, -2.0]  # log pi_t - log pi_0
     assert first[0]["r_prev"] == [-11.0, -11.0, -11.0]  # t = 1: log pi_0 itself
@@ -466,7 +498,7 @@ def test_rewards_and_consistency_hand_numbers():
     # r = [-1, 1, -2] vs r' = [-19, -22, -20]: (1,2) discordant, (1,3) concordant, (2,3) discordant -> -1/3
     assert first[1]["tau"] == pytest.approx(-1 / 3)
 
-    second = cream.rewards_and_consistency(samples, logps_t, logps_prev, logps_0, t=2)
+    second = cream.rewards_and_consistency(samples, logps_t, logps_prev, logps_0)  # t = 2
     assert second[0]["r_prev"] == [0.5, 0.0, -2.0] and second[1]["r_prev"] == [-1.0, 1.5, -3.0]  # pi_{t-1} - pi_0
     assert second[0]["r"] == [1.0, -1.0, 0.0]
     # r = [1, -1, 0] vs r' = [0.5, 0, -2]: (1,2) +, (1,3) +, (2,3) - -> 1/3;  r = [-1, 1, -2] vs [-1, 1.5, -3]: same order
@@ -483,8 +515,8 @@ def test_identical_samples_tie_in_both_rankings_and_count_zero():
     and (2,3) concordant -> 2/3, C = 5/6. scipy on ordinal ranks (official code) would say 1."""
     row = sample_row("a", ["same", "same", "other"])
     row["samples"][1]["token_ids"] = row["samples"][0]["token_ids"]
-    logps_t, logps_0 = [-10.0, -10.0, -12.0], [-11.0, -11.0, -12.0]
-    (rewards,) = cream.rewards_and_consistency([row], logps_t, None, logps_0, t=1)
+    logps_t, logps_0 = per_prompt([-10.0, -10.0, -12.0]), per_prompt([-11.0, -11.0, -12.0])
+    (rewards,) = cream.rewards_and_consistency([row], logps_t, None, logps_0)
     assert rewards["r"] == [1.0, 1.0, 0.0] and rewards["r_prev"] == [-11.0, -11.0, -12.0]
     assert rewards["tau"] == pytest.approx(2 / 3)
     assert cream.measured_consistency([rewards], "kendall") == pytest.approx(5 / 6)
