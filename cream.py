@@ -18,9 +18,14 @@ import re
 import shutil
 import sys
 from dataclasses import asdict, dataclass, fields
+from functools import partial
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig,
                           HfArgumentParser)
@@ -266,13 +271,27 @@ def sequence_logps(model, input_ids, attention_mask, response_mask):
     logits scaled or capped after the head (Gemma 2, Cohere) need that step in token_logps."""
     predicts_response = torch.nn.functional.pad(response_mask[:, 1:].bool(), (0, 1))  # p: p + 1
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # left or right padding
-    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
-                                 position_ids=position_ids, use_cache=False,
-                                 ).last_hidden_state[predicts_response]  # [N, H]
+    hidden = decoder_states(model, input_ids=input_ids, attention_mask=attention_mask,
+                            position_ids=position_ids)[predicts_response]  # [N, H]
     targets = input_ids[:, 1:][response_mask[:, 1:].bool()]
     logps = token_logps(hidden, targets, model.get_output_embeddings())
     rows = predicts_response.nonzero()[:, 0]
     return torch.zeros(input_ids.shape[0], device=hidden.device).index_add(0, rows, logps)
+
+
+def decoder_states(model, **inputs):
+    """The decoder's last hidden states [B, L, H]. A model sharded by FSDP2 (several GPUs) gathers
+    its embedding and head only in its own forward, so that runs, with the head at one position."""
+    if not isinstance(model, FSDPModule):
+        return model.get_decoder()(**inputs, use_cache=False).last_hidden_state
+    states = []
+
+    def keep(module, args, output):
+        states.append(output.last_hidden_state)
+    hook = model.get_decoder().register_forward_hook(keep)
+    model(**inputs, use_cache=False, logits_to_keep=1)
+    hook.remove()
+    return states[0]
 
 
 def collated_logps(model, batch):
@@ -361,6 +380,7 @@ def sample_responses(model, tokenizer, prompts, args, greedy=False, num_samples=
 # --- Algorithm 1: SFT (line 2), then lines 5-14 for t = 1..T; each finished step is a file ---
 def main(argv=None):
     """Parse, lock --output_dir and run Algorithm 1 there; a rerun resumes from what is there."""
+    start_processes()
     args = parse_args(argv)
     out = Path(args.output_dir)
     with locked(out):
@@ -390,8 +410,9 @@ def main(argv=None):
         evaluation = evaluate_models(args, tokenizer, tests, out) if args.evaluate else []
         table = final_table(args, metrics, evaluation)
         write_text(out / "table.md", table)
-        print("\n" + table)
-        print(f"models, samples, rewards, pairs, metrics.jsonl and table.md are in {out}")
+        say(f"\n{table}\nmodels, samples, rewards, pairs, metrics.jsonl and table.md are in {out}")
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def run_sft(args, tokenizer, sft_rows, out):
@@ -417,7 +438,8 @@ def run_sft(args, tokenizer, sft_rows, out):
 def run_sampling(args, tokenizer, pool, t, out):
     """Line 5: N responses to each prompt of the pool from M_t -> rows of samples.jsonl."""
     model = load_model(out / f"M{t}", args, seed=args.seed + 1000 * t)
-    grouped = sample_responses(model, tokenizer, [row["prompt"] for row in pool], args)
+    grouped = data_parallel(partial(sample_responses, model, tokenizer, args=args),
+                            [row["prompt"] for row in pool])
     return [{"id": row["id"], "prompt": row["prompt"], "samples": samples}
             for row, samples in zip(pool, grouped)]
 
@@ -434,9 +456,9 @@ def score_samples(args, tokenizer, samples, t, out):
     logps = {"prev": None}
     for name, path in models.items():
         rows = cached(out / f"iter{t}" / f"logps_{name}.jsonl", sequences, (), lambda: [
-            {"logp": v} for v in score_logps(load_model(path, args), sequences,
-                                             tokenizer.pad_token_id, args.score_batch_size,
-                                             f"log-probs under {path}")])
+            {"logp": v} for v in data_parallel(partial(
+                score_logps, load_model(path, args), pad_id=tokenizer.pad_token_id,
+                batch_size=args.score_batch_size, desc=f"log-probs under {path}"), sequences)])
         flat = torch.tensor([row["logp"] for row in rows], dtype=torch.float64)
         logps[name] = flat.view(len(samples), -1)
     return logps["t"], logps["prev"], logps["0"]
@@ -470,9 +492,9 @@ def check_pairs(t, pairs, scope, unusable):
     if below:
         what = f"C = {below[0]:.4f} < 0.5" if scope == "dataset" else (
             f"{len(below)} of {len(pairs)} pairs have their own C < 0.5")
-        print(f"cream.py: warning: iteration {t}: {what}, so line 14 weights the reversed pair "
-              f"more: training moves toward the responses M{t} ranks worse (README: 'C below "
-              f"0.5')", file=sys.stderr)
+        say(f"cream.py: warning: iteration {t}: {what}, so line 14 weights the reversed pair "
+            f"more: training moves toward the responses M{t} ranks worse (README: 'C below "
+            f"0.5')", file=sys.stderr)
 
 
 def run_preference_training(args, tokenizer, pairs, t, out):
@@ -530,7 +552,8 @@ def judge_rewards(model, tokenizer, samples_rows, args):
     """A sampled judgement of each response (prompts.fill_pointwise) and its score, per prompt."""
     prompts = [fill_pointwise(row["prompt"], s["response"])
                for row in samples_rows for s in row["samples"]]
-    replies = sample_responses(model, tokenizer, prompts, args, num_samples=1)
+    replies = data_parallel(partial(sample_responses, model, tokenizer, args=args, num_samples=1),
+                            prompts)
     n, rows = len(samples_rows[0]["samples"]), []
     for j, row in enumerate(samples_rows):
         texts = [reply["response"] for (reply,) in replies[j * n: (j + 1) * n]]
@@ -617,8 +640,8 @@ def is_correct(extracted, answer):
 
 def run_evaluation(model, tokenizer, tests, args):
     """A greedy reply to each test question -> rows with the answer extracted and if it is right."""
-    replies = sample_responses(model, tokenizer, [eval_prompt(row) for row in tests], args,
-                               greedy=True)
+    replies = data_parallel(partial(sample_responses, model, tokenizer, args=args, greedy=True),
+                            [eval_prompt(row) for row in tests])
     rows = []
     for row, (reply,) in zip(tests, replies):
         extracted = extract_answer(reply["response"], answer_kind(row["answer"]))
@@ -689,8 +712,8 @@ def final_table(args, metrics, evaluation):
 
 # --- Plumbing: one-line errors, files written whole, resume ---
 def fail(message):
-    """Stop with a one-line error and a non-zero exit, never a traceback."""
-    sys.exit(f"cream.py: error: {message}")
+    """Stop with a one-line error and a non-zero exit, never a traceback (from rank 0 only)."""
+    sys.exit(f"cream.py: error: {message}" if rank_and_world()[0] == 0 else 1)
 
 
 def read_jsonl(path, required):
@@ -721,9 +744,12 @@ def read_jsonl(path, required):
 
 
 def write_text(path, text):
-    """Written under a temporary name, then renamed: a crash never leaves half a file."""
-    Path(f"{path}.tmp").write_text(text, encoding="utf-8")
-    os.replace(f"{path}.tmp", path)
+    """Written under a temporary name, then renamed: a crash never leaves half a file. Under
+    torchrun rank 0 writes, and the other ranks wait for it."""
+    if rank_and_world()[0] == 0:
+        Path(f"{path}.tmp").write_text(text, encoding="utf-8")
+        os.replace(f"{path}.tmp", path)
+    barrier()
 
 
 def write_jsonl(path, rows):
@@ -733,7 +759,7 @@ def write_jsonl(path, rows):
 def cached(path, expected, keys, compute):
     """The rows of path if an earlier run wrote it (resume), else compute() written there; they
     must match `expected` row for row on `keys`, or the file is named as stale."""
-    if not path.exists():
+    if not rank_0_sees(path.exists()):
         rows = compute()
         write_jsonl(path, rows)
     else:
@@ -765,8 +791,9 @@ def locked(out):
     try:
         out.mkdir(parents=True, exist_ok=True)
         with open(out / ".lock", "a") as lock:  # "a": an existing lock file is not even touched
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # freed however the process ends
+            try:  # rank 0 holds it for all the ranks of a torchrun
+                if rank_and_world()[0] == 0:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # freed however it ends
             except BlockingIOError:
                 fail(f"another run is using {out}: wait for it to end, or use another --output_dir")
             yield
@@ -857,8 +884,8 @@ def iteration_pools(tokenizer, prompt_rows, args):
     to sample -> [(pool, number left out)]."""
     random.Random(args.seed).shuffle(prompt_rows)
     if len(prompt_rows) < args.iterations * args.num_prompts:
-        print(f"note: {len(prompt_rows)} prompts for {args.iterations} x {args.num_prompts}: "
-              f"each iteration gets {len(prompt_rows) // args.iterations}")
+        say(f"note: {len(prompt_rows)} prompts for {args.iterations} x {args.num_prompts}: "
+            f"each iteration gets {len(prompt_rows) // args.iterations}")
     size = min(args.num_prompts, len(prompt_rows) // args.iterations)
     if size == 0:
         fail(f"{len(prompt_rows)} prompts cannot be shared by {args.iterations} iterations")
@@ -936,7 +963,7 @@ def first_line(e):
 
 def model_ready(path):
     """True if a finished model folder is at path (resume), False if none; a damaged one fails."""
-    if not path.exists():
+    if not rank_0_sees(path.exists()):
         return False
     weights = list(path.glob("*.safetensors")) + list(path.glob("*.bin"))
     try:
@@ -950,14 +977,22 @@ def model_ready(path):
 
 
 def save_model(model, tokenizer, path, summary):
-    """save_pretrained into a temporary folder, then rename: a folder M<k> is always complete."""
-    tmp = Path(f"{path}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.config.use_cache = True  # training turned it off; a saved model is for generation
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "training_summary.json").write_text(json.dumps(summary, indent=1))
-    os.replace(tmp, path)
+    """save_pretrained into a temporary folder, then rename: a folder M<k> is always complete.
+    A model sharded across ranks is gathered whole for it, and rank 0 writes."""
+    state_dict = None
+    if isinstance(model, FSDPModule):
+        state_dict = get_model_state_dict(model, options=StateDictOptions(
+            full_state_dict=True, cpu_offload=True))  # on rank 0; the others get {}
+        model.config.architectures = [type(model).__mro__[2].__name__]  # not FSDP<name>
+    if rank_and_world()[0] == 0:
+        tmp = Path(f"{path}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.config.use_cache = True  # training turned it off; a saved model is for generation
+        model.save_pretrained(tmp, state_dict=state_dict)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "training_summary.json").write_text(json.dumps(summary, indent=1))
+        os.replace(tmp, path)
+    barrier()
 
 
 # --- Plumbing: AdamW in float32 on bfloat16 weights, the schedule, the training loop ---
@@ -977,10 +1012,11 @@ def adamw_step(params, state, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0
     for p in params:
         if p.grad is None:
             continue
-        if p not in state:
-            state[p] = (torch.zeros_like(p), torch.zeros_like(p))
-        flat = [t.view(-1) for t in (p, p.grad, *state[p])]
-        for start in range(0, p.numel(), slice_size):
+        local, local_grad = (t.to_local() if isinstance(t, DTensor) else t for t in (p, p.grad))
+        if p not in state:  # under FSDP2, each rank steps its own shard
+            state[p] = (torch.zeros_like(local), torch.zeros_like(local))
+        flat = [t.view(-1) for t in (local, local_grad, *state[p])]
+        for start in range(0, local.numel(), slice_size):
             weight, grad, m, v = (t[start: start + slice_size] for t in flat)
             grad = grad.float()
             m32 = m.float().lerp_(grad, 1 - betas[0])
@@ -1010,36 +1046,117 @@ def micro_batches(items, batch_size, seed):
 
 def train(model, batches, loss_fn, lr_flag, args, desc):
     """Gradient accumulation, clipping, AdamW at args.<lr_flag> -> mean metrics. A loss, gradient
-    or weight that turns non-finite stops the run before anything is saved."""
+    or weight that turns non-finite stops the run before anything is saved. Under torchrun the
+    model is sharded (FSDP2) and each rank takes its share of every step's micro-batches."""
     lr = getattr(args, lr_flag)
     stop = (f" with --{lr_flag} {lr}; nothing was saved, and the models before it are intact "
             f"(README)")
+    rank, world = rank_and_world()
+    if world > 1:
+        shard_for_training(model)
     model.train()
     model.config.use_cache = False
     model.activation_checkpointing_enable()
     params = [p for p in model.parameters() if p.requires_grad]
-    state, totals = {}, {}
-    total_steps = math.ceil(len(batches) / args.grad_accum)
-    bar = tqdm(range(len(batches)), desc=desc)
-    for i in bar:
-        metrics = loss_fn(model, batches[i])
-        if not torch.isfinite(metrics["loss"]):
-            fail(f"{desc}: the loss became {metrics['loss'].item()} at micro-batch {i}{stop}")
-        group_start = i - i % args.grad_accum  # the last step may have fewer micro-batches
-        (metrics["loss"] / min(args.grad_accum, len(batches) - group_start)).backward()
-        if (i + 1) % args.grad_accum == 0 or i + 1 == len(batches):
-            if not torch.isfinite(torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)):
-                fail(f"{desc}: the gradients became non-finite at micro-batch {i}{stop}")
-            step = i // args.grad_accum
-            adamw_step(params, state, learning_rate(step, total_steps, lr, args.warmup_ratio))
-            model.zero_grad(set_to_none=True)
-        for k, v in metrics.items():
-            totals[k] = totals.get(k, 0.0) + v.item()
-        bar.set_postfix(loss=f"{totals['loss'] / (i + 1):.4f}")
-    if not all(torch.isfinite(p).all() for p in params):  # no loss sees the last step's update
+    state, totals, count = {}, {}, 0
+    steps = [batches[i: i + args.grad_accum] for i in range(0, len(batches), args.grad_accum)]
+    bar = tqdm(total=len(batches), desc=desc, disable=rank > 0)
+    for step, group in enumerate(steps):  # the last step may have fewer micro-batches
+        for j in range(rank, math.ceil(len(group) / world) * world, world):
+            # a rank without a share repeats one at weight 0: FSDP2's collectives stay in step
+            batch, weight = (group[j], 1.0) if j < len(group) else (group[0], 0.0)
+            metrics = loss_fn(model, batch)
+            loss = summed(metrics["loss"].detach())  # NaN on any rank stops every rank
+            if not torch.isfinite(loss):
+                fail(f"{desc}: the loss became {loss.item()} at micro-batch "
+                     f"{step * args.grad_accum + j}{stop}")
+            (metrics["loss"] * (weight * world / len(group))).backward()
+            for k, v in metrics.items():
+                totals[k] = totals.get(k, 0.0) + weight * v.item()
+            count += weight
+            bar.update(min(world, len(batches) - bar.n))
+            bar.set_postfix(loss=f"{totals['loss'] / max(count, 1):.4f}")
+        norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+        if not torch.isfinite(norm.full_tensor() if isinstance(norm, DTensor) else norm):
+            fail(f"{desc}: the gradients became non-finite at micro-batch "
+                 f"{step * args.grad_accum + len(group) - 1}{stop}")
+        adamw_step(params, state, learning_rate(step, len(steps), lr, args.warmup_ratio))
+        model.zero_grad(set_to_none=True)
+    bad = sum(not torch.isfinite(t.to_local() if isinstance(t, DTensor) else t).all()
+              for t in params)  # no loss sees the last step's update
+    if summed(torch.tensor(float(bad), device=model.device)) > 0:
         fail(f"{desc}: the weights became non-finite{stop}")
     model.eval()
-    return {k: v / len(batches) for k, v in totals.items()}
+    sums = summed(torch.tensor([count, *totals.values()], dtype=torch.float64,
+                               device=model.device)).tolist()
+    return {k: v / sums[0] for k, v in zip(totals, sums[1:])}
+
+
+# --- Plumbing: several GPUs under torchrun: FSDP2 to train, data parallel to sample and score ---
+def start_processes():
+    """Under torchrun, join the other processes: one GPU each (NCCL), or CPU cores (gloo, tests)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+
+
+def say(text, file=None):
+    """print, from rank 0 only under torchrun."""
+    if rank_and_world()[0] == 0:
+        print(text, file=file or sys.stdout)
+
+
+def rank_and_world():
+    """(this process's rank, number of processes): (0, 1) without torchrun."""
+    if not dist.is_initialized():
+        return 0, 1
+    return dist.get_rank(), dist.get_world_size()
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def rank_0_sees(value):
+    """Rank 0's value on every rank, such as whether a file exists: the ranks skip work alike."""
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def summed(tensor):
+    """A tensor summed over the ranks (a NaN on one rank is seen by all)."""
+    if dist.is_initialized():
+        tensor = tensor.clone()
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def data_parallel(work, items):
+    """work(items) shared out: rank r takes every world-th item from the r-th, and every rank
+    gets all the results back in the items' order."""
+    rank, world = rank_and_world()
+    if world == 1:
+        return work(items)
+    share = items[rank::world]
+    shares = [None] * world
+    dist.all_gather_object(shares, work(share) if share else [])
+    results = [None] * len(items)
+    for r, part in enumerate(shares):
+        results[r::world] = part
+    return results
+
+
+def shard_for_training(model):
+    """FSDP2 (ZeRO-3): each decoder layer, then the rest, split across the ranks; weights,
+    gradients and AdamW's m and v are each rank's shard."""
+    for layer in model.get_decoder().layers:
+        fully_shard(layer)
+    fully_shard(model)
 
 
 # --- Plumbing: the command line, checked before anything runs, and a folder's settings ---
@@ -1166,7 +1283,7 @@ def build_demo(out):
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     model_dir, data_dir = out / "demo-M0", out / "demo-data"
-    if not model_dir.exists():
+    if not rank_0_sees(model_dir.exists()):
         bpe = Tokenizer(models.BPE())
         bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         bpe.decoder = decoders.ByteLevel()

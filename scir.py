@@ -22,10 +22,15 @@ import re
 import shutil
 import sys
 from dataclasses import asdict, dataclass, fields
+from functools import partial
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification,
                           AutoTokenizer, GenerationConfig, HfArgumentParser)
@@ -322,12 +327,27 @@ def sequence_logps(model, input_ids, attention_mask, response_mask):
     """
     predicts_response = F.pad(response_mask[:, 1:].bool(), (0, 1), value=False)  # p predicts p+1
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # left or right padding
-    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
-                                 position_ids=position_ids, use_cache=False).last_hidden_state
+    hidden = decoder_states(model, input_ids=input_ids, attention_mask=attention_mask,
+                            position_ids=position_ids)
     targets = input_ids[:, 1:][response_mask[:, 1:].bool()]
     logps = token_logps(hidden[predicts_response], targets, model.get_output_embeddings())
     rows = predicts_response.nonzero()[:, 0]
     return torch.zeros(input_ids.shape[0], device=hidden.device).index_add(0, rows, logps)
+
+
+def decoder_states(model, **inputs):
+    """The decoder's last hidden states [B, L, H]. A model sharded by FSDP2 (several GPUs) gathers
+    its embedding and head only in its own forward, so that runs, with the head at one position."""
+    if not isinstance(model, FSDPModule):
+        return model.get_decoder()(**inputs, use_cache=False).last_hidden_state
+    states = []
+
+    def keep(module, args, output):
+        states.append(output.last_hidden_state)
+    hook = model.get_decoder().register_forward_hook(keep)
+    model(**inputs, use_cache=False, logits_to_keep=1)
+    hook.remove()
+    return states[0]
 
 
 def response_logps(model, sequences, pad_id):
@@ -338,12 +358,16 @@ def response_logps(model, sequences, pad_id):
 
 @torch.no_grad()
 def batched_logps(model, sequences, pad_id, batch_size, desc):
-    """response_logps without gradients, batch_size sequences at a time -> list of floats."""
+    """response_logps without gradients, batch_size sequences at a time -> list of floats;
+    under torchrun each rank scores its share."""
     model.eval()
-    logps = []
-    for start in tqdm(range(0, len(sequences), batch_size), desc=desc):
-        logps += response_logps(model, sequences[start: start + batch_size], pad_id).tolist()
-    return logps
+
+    def score(share):
+        logps = []
+        for start in tqdm(range(0, len(share), batch_size), desc=desc):
+            logps += response_logps(model, share[start: start + batch_size], pad_id).tolist()
+        return logps
+    return data_parallel(score, sequences)
 
 
 def sft_loss(model, batch):
@@ -398,8 +422,8 @@ def identifier_logits(model, sequences, identifier_ids, pad_id):
         input_ids[row, width - len(s):] = torch.tensor(s, device=model.device)
         attention_mask[row, width - len(s):] = 1
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
-                                 position_ids=position_ids, use_cache=False).last_hidden_state
+    hidden = decoder_states(model, input_ids=input_ids, attention_mask=attention_mask,
+                            position_ids=position_ids)
     head = model.get_output_embeddings()
     rows = list(identifier_ids)
     bias = None if head.bias is None else head.bias[rows].float()
@@ -530,7 +554,8 @@ def run_sampling(args, tokenizer, pool, t, out):
     """Rows {id, prompt, samples, response_1, response_2}: M_t's samples and the pair (y1, y2)."""
     model = load_model(out / f"M{t}", args)
     torch.manual_seed(args.seed + 1000 * t)
-    grouped = sample_responses(model, tokenizer, [row["prompt"] for row in pool], args)
+    grouped = data_parallel(partial(sample_responses, model, tokenizer, args=args),
+                            [row["prompt"] for row in pool])
     del model
     rng = random.Random(args.seed + t)
     rows = []
@@ -598,18 +623,22 @@ def scir_batch_loss(args, tokenizer, identifier_ids, alpha_l):
 
 @torch.no_grad()
 def score_pairs(model, tokenizer, pairs, args, identifier_ids, alpha_l, desc):
-    """log pi(y1|x), log pi(y2|x) and the judge's Q (mean, and per prompt) of every pair -> rows."""
+    """log pi(y1|x), log pi(y2|x) and the judge's Q (mean, and per prompt) of every pair -> rows;
+    under torchrun each rank scores its share."""
     model.eval()
-    rows, size = [], args.score_batch_size // 2
-    for start in tqdm(range(0, len(pairs), size), desc=desc):
-        batch = pairs[start: start + size]
-        sequences = [s for pair in batch for s in pair["sequences"]]
-        logps = response_logps(model, sequences, tokenizer.pad_token_id).view(-1, 2)
-        q = generative_preference(model, tokenizer, identifier_ids=identifier_ids, alpha_l=alpha_l,
-                                  **judge_fields(args, batch))
-        rows += [{"logp_1": a, "logp_2": b, "q": mean, "q_prompts": q_prompts} for (a, b), mean,
-                 q_prompts in zip(logps.tolist(), q.mean(-1).tolist(), q.tolist())]
-    return rows
+
+    def score(share):
+        rows, size = [], args.score_batch_size // 2
+        for start in tqdm(range(0, len(share), size), desc=desc):
+            batch = share[start: start + size]
+            sequences = [s for pair in batch for s in pair["sequences"]]
+            logps = response_logps(model, sequences, tokenizer.pad_token_id).view(-1, 2)
+            q = generative_preference(model, tokenizer, identifier_ids=identifier_ids,
+                                      alpha_l=alpha_l, **judge_fields(args, batch))
+            rows += [{"logp_1": a, "logp_2": b, "q": mean, "q_prompts": q_prompts} for (a, b), mean,
+                     q_prompts in zip(logps.tolist(), q.mean(-1).tolist(), q.tolist())]
+        return rows
+    return data_parallel(score, pairs)
 
 
 def judge_length_reg(args, t):
@@ -738,15 +767,14 @@ def run(args, out):
             rows[k]["evaluation"] = accuracy
     write_jsonl(out / "metrics.jsonl", rows)
     table = final_table(args, rows)
-    (out / "table.md.tmp").write_text(table)
-    os.replace(out / "table.md.tmp", out / "table.md")
-    print("\n" + table)
-    print(f"models, samples, pairs, metrics.jsonl and table.md are in {out}")
+    write_text(out / "table.md", table)
+    say(f"\n{table}\nmodels, samples, pairs, metrics.jsonl and table.md are in {out}")
 
 
 def main(argv=None):
     """Parse, lock the output folder, run; an interruption or a full disk ends in one line, and a
     rerun resumes."""
+    start_processes()
     args = parse_args(argv)
     out = Path(args.output_dir)
     import fcntl  # Unix only, like the lock it takes
@@ -754,8 +782,9 @@ def main(argv=None):
     try:
         out.mkdir(parents=True, exist_ok=True)
         with open(out / ".lock", "a") as lock:  # "a": an existing lock file is not even touched
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when the process ends
+            try:  # rank 0 holds it for all the ranks of a torchrun
+                if rank_and_world()[0] == 0:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # freed however it ends
             except BlockingIOError:
                 fail(f"another run is using {out}: wait for it to end, or use another --output_dir")
             run(args, out)
@@ -764,6 +793,8 @@ def main(argv=None):
     except OSError as e:
         fail(f"{e.filename or out}: {e.strerror or e}; rerun the same command to resume once that "
              f"is fixed")
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 # --- Table 2's baselines: rank each prompt's samples once, DPO on best vs worst against M_t ---
@@ -801,7 +832,8 @@ def judge_samples(model, tokenizer, samples_rows, args, seed):
     prompts = [pointwise_prompt(tokenizer, row["prompt"], s["response"], args.max_length)
                for row in samples_rows for s in row["samples"]]
     judgements = [reply["response"] for (reply,) in
-                  sample_responses(model, tokenizer, prompts, args, num_samples=1)]
+                  data_parallel(partial(sample_responses, model, tokenizer, args=args,
+                                        num_samples=1), prompts)]
     rows, n = [], len(samples_rows[0]["samples"])
     for j, row in enumerate(samples_rows):
         texts = judgements[j * n: (j + 1) * n]
@@ -867,7 +899,8 @@ def implicit_rewards(args, tokenizer, sequences, local, it):
 def reward_model_rewards(args, samples, it):
     """The external ranking: --reward_model's score of every sample, resident alone; cached."""
     scored = cached_jsonl(it / "rewards_external.jsonl",
-                          lambda: external_rewards(args.reward_model, samples, args), samples)
+                          lambda: data_parallel(partial(external_rewards, args.reward_model,
+                                                        args=args), samples), samples)
     return [value for row in scored for value in row["rewards"]]
 
 
@@ -1016,8 +1049,8 @@ def reward_bench_pairs(tokenizer, rows, args):
     if not pairs:
         fail("every RewardBench prompt is longer than --max_length - --max_new_tokens")
     if len(pairs) < len(rows):
-        print(f"note: {len(rows) - len(pairs)} of {len(rows)} RewardBench prompts are longer than "
-              f"--max_length - --max_new_tokens and left out")
+        say(f"note: {len(rows) - len(pairs)} of {len(rows)} RewardBench prompts are longer than "
+            f"--max_length - --max_new_tokens and left out")
     return pairs
 
 
@@ -1119,8 +1152,8 @@ def is_correct(extracted, answer):
 
 def greedy_answers(model, tokenizer, tests, args):
     """One greedy reply per test question -> rows with the extracted answer and its score."""
-    replies = sample_responses(model.eval(), tokenizer, [eval_prompt(row) for row in tests], args,
-                               greedy=True)
+    replies = data_parallel(partial(sample_responses, model.eval(), tokenizer, args=args,
+                                    greedy=True), [eval_prompt(row) for row in tests])
     rows = []
     for row, (reply,) in zip(tests, replies):
         extracted = extract_answer(reply["response"], answer_kind(row["answer"]))
@@ -1192,8 +1225,8 @@ def final_table(args, rows):
 
 # --- Plumbing: files, written to a temporary name and renamed: a crash leaves no half file ---
 def fail(message):
-    """Stop with a one-line error and a non-zero exit, never a traceback."""
-    sys.exit(f"scir.py: error: {message}")
+    """Stop with a one-line error and a non-zero exit, never a traceback (from rank 0 only)."""
+    sys.exit(f"scir.py: error: {message}" if rank_and_world()[0] == 0 else 1)
 
 
 def read_jsonl(path, required):
@@ -1225,18 +1258,23 @@ def read_jsonl(path, required):
     return rows
 
 
+def write_text(path, text):
+    """Written under a temporary name, then renamed: a crash never leaves half a file. Under
+    torchrun rank 0 writes, and the other ranks wait for it."""
+    if rank_and_world()[0] == 0:
+        Path(f"{path}.tmp").write_text(text, encoding="utf-8")
+        os.replace(f"{path}.tmp", path)
+    barrier()
+
+
 def write_jsonl(path, rows):
-    tmp = Path(f"{path}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def cached_jsonl(path, compute, expected=None, keys=("id",)):
     """Rows of `path` if an earlier run finished it (resume), else compute and write them. Given
     `expected` rows, the file must hold one row per expected row, in order, with the same keys."""
-    if not Path(path).exists():
+    if not rank_0_sees(Path(path).exists()):
         rows = compute()
         write_jsonl(path, rows)
         return rows
@@ -1338,8 +1376,8 @@ def load_reward_bench(args):
     usable = [row for row in rows if row["chosen"].strip() and row["rejected"].strip()
               and row["chosen"] != row["rejected"]]
     if len(usable) < len(rows):
-        print(f"note: {len(rows) - len(usable)} RewardBench pairs with an empty side or the same "
-              f"text on both sides are left out: no reward model can label them")
+        say(f"note: {len(rows) - len(usable)} RewardBench pairs with an empty side or the same "
+            f"text on both sides are left out: no reward model can label them")
     return usable
 
 
@@ -1421,7 +1459,7 @@ def check_vocabulary(path, tokenizer, flag):
 def model_ready(path):
     """True if a finished model folder is at path (resume), False if none; a damaged one stops."""
     path = Path(path)
-    if not path.exists():
+    if not rank_0_sees(path.exists()):
         return False
     weights = list(path.glob("*.safetensors")) + list(path.glob("*.bin"))
     try:
@@ -1435,14 +1473,17 @@ def model_ready(path):
 
 
 def save_model(model, tokenizer, path, summary):
-    """save_pretrained into a temporary folder, then rename: a folder M<k> is always complete."""
-    tmp = Path(f"{path}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.config.use_cache = True  # training turned it off; a saved model is for generation
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "training_summary.json").write_text(json.dumps(summary, indent=1))
-    os.replace(tmp, path)
+    """save_pretrained into a temporary folder, then rename: a folder M<k> is always complete.
+    Under torchrun rank 0 writes, and the other ranks wait for it."""
+    if rank_and_world()[0] == 0:
+        tmp = Path(f"{path}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.config.use_cache = True  # training turned it off; a saved model is for generation
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "training_summary.json").write_text(json.dumps(summary, indent=1))
+        os.replace(tmp, path)
+    barrier()
 
 
 # --- Plumbing: AdamW in float32, written back to bfloat16 with stochastic rounding (README) ---
@@ -1465,10 +1506,11 @@ def adamw_step(params, state, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0
     for p in params:
         if p.grad is None:
             continue
-        if p not in state:
-            state[p] = (torch.zeros_like(p), torch.zeros_like(p))
-        flat = [t.view(-1) for t in (p, p.grad, *state[p])]
-        for start in range(0, p.numel(), slice_size):
+        local, local_grad = (t.to_local() if isinstance(t, DTensor) else t for t in (p, p.grad))
+        if p not in state:  # under FSDP2, each rank steps its own shard
+            state[p] = (torch.zeros_like(local), torch.zeros_like(local))
+        flat = [t.view(-1) for t in (local, local_grad, *state[p])]
+        for start in range(0, local.numel(), slice_size):
             weight, grad, m, v = (t[start: start + slice_size] for t in flat)
             grad = grad.float()
             m32 = m.float().lerp_(grad, 1 - betas[0])
@@ -1493,47 +1535,65 @@ def learning_rate(step, total_steps, peak, warmup_ratio):
 def train(model, batches, loss_fn, lr_flag, args, desc):
     """Gradient accumulation over `batches` (micro-batches), clipping, AdamW at args.<lr_flag>
     -> mean metrics. Stops before anything is saved if a loss, gradient or weight turns
-    non-finite."""
+    non-finite. Under torchrun the model is sharded (FSDP2) and each rank takes its share of
+    every step's micro-batches."""
     lr = getattr(args, lr_flag)
     stop = (f" with --{lr_flag} {lr}; nothing was saved, and the models before it are intact "
             f"(README)")
+    rank, world = rank_and_world()
+    if world > 1:
+        shard_for_training(model)
     model.train()
     model.config.use_cache = False
     model.activation_checkpointing_enable()
     params = [p for p in model.parameters() if p.requires_grad]
     state, totals, count = {}, {}, 0
-    total_steps = math.ceil(len(batches) / args.grad_accum)
-    bar = tqdm(range(len(batches)), desc=desc)
-    for i in bar:
-        metrics = loss_fn(model, batches[i])
-        if not torch.isfinite(metrics["loss"]):
-            fail(f"{desc}: the loss became {metrics['loss'].item()} at micro-batch {i}{stop}")
-        group_start = i - i % args.grad_accum  # the last step may have fewer micro-batches
-        backward(metrics, 1 / min(args.grad_accum, len(batches) - group_start))
-        if (i + 1) % args.grad_accum == 0 or i + 1 == len(batches):
-            if not torch.isfinite(torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)):
-                fail(f"{desc}: the gradients became non-finite at micro-batch {i}{stop}")
-            step_lr = learning_rate(i // args.grad_accum, total_steps, lr, args.warmup_ratio)
-            adamw_step(params, state, step_lr)
-            model.zero_grad(set_to_none=True)
-        for k, v in metrics.items():
-            totals[k] = totals.get(k, 0.0) + v.item()
-        count += 1
-        bar.set_postfix(loss=f"{totals['loss'] / count:.4f}")
-    if not all(torch.isfinite(p).all() for p in params):  # the last update is seen by no loss
+    steps = [batches[i: i + args.grad_accum] for i in range(0, len(batches), args.grad_accum)]
+    bar = tqdm(total=len(batches), desc=desc, disable=rank > 0)
+    for step, group in enumerate(steps):  # the last step may have fewer micro-batches
+        for j in range(rank, math.ceil(len(group) / world) * world, world):
+            # a rank without a share repeats one at weight 0: FSDP2's collectives stay in step
+            batch, weight = (group[j], 1.0) if j < len(group) else (group[0], 0.0)
+            metrics = loss_fn(model, batch)
+            loss = summed(metrics["loss"].detach())  # NaN on any rank stops every rank
+            if not torch.isfinite(loss):
+                fail(f"{desc}: the loss became {loss.item()} at micro-batch "
+                     f"{step * args.grad_accum + j}{stop}")
+            backward(model, metrics, weight * world / len(group))
+            for k, v in metrics.items():
+                totals[k] = totals.get(k, 0.0) + weight * v.item()
+            count += weight
+            bar.update(min(world, len(batches) - bar.n))
+            bar.set_postfix(loss=f"{totals['loss'] / max(count, 1):.4f}")
+        norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+        if not torch.isfinite(norm.full_tensor() if isinstance(norm, DTensor) else norm):
+            fail(f"{desc}: the gradients became non-finite at micro-batch "
+                 f"{step * args.grad_accum + len(group) - 1}{stop}")
+        adamw_step(params, state, learning_rate(step, len(steps), lr, args.warmup_ratio))
+        model.zero_grad(set_to_none=True)
+    bad = sum(not torch.isfinite(t.to_local() if isinstance(t, DTensor) else t).all()
+              for t in params)  # the last update is seen by no loss
+    if summed(torch.tensor(float(bad), device=model.device)) > 0:
         fail(f"{desc}: the weights became non-finite{stop}")
     model.eval()
-    return {k: v / count for k, v in totals.items()}
+    sums = summed(torch.tensor([count, *totals.values()], dtype=torch.float64,
+                               device=model.device)).tolist()
+    return {k: v / sums[0] for k, v in zip(totals, sums[1:])}
 
 
-def backward(metrics, scale):
+def backward(model, metrics, scale):
     """Gradients of metrics["loss"] * scale. A loss on detached copies of forward outputs
     (metrics["detached"]: [(outputs, copies)], scir_batch_loss) then sends its gradient through
-    each forward pass in a backward of its own."""
+    each forward pass in a backward of its own; a model sharded by FSDP2 stays gathered until
+    the last of them, which the later ones need."""
     (metrics["loss"] * scale).backward()
-    for outputs, copies in metrics.pop("detached", []):
-        if any(output.requires_grad for output in outputs):
-            torch.autograd.backward(outputs, [copy.grad for copy in copies])
+    passes = [(outputs, copies) for outputs, copies in metrics.pop("detached", [])
+              if any(output.requires_grad for output in outputs)]
+    for k, (outputs, copies) in enumerate(passes):
+        if isinstance(model, FSDPModule):
+            model.set_reshard_after_backward(k == len(passes) - 1)
+            model.set_is_last_backward(k == len(passes) - 1)
+        torch.autograd.backward(outputs, [copy.grad for copy in copies])
 
 
 def micro_batches(items, batch_size, seed):
@@ -1550,10 +1610,94 @@ def epoch_batches(pairs, args, t):
 
 
 def load_and_train(args, path, batches, loss_fn, lr_flag, seed, desc):
-    """train the model at path; the seed fixes stochastic rounding -> (model, mean metrics)."""
+    """train the model at path; the seed fixes stochastic rounding -> (the trained model, whole
+    on every rank, and its mean metrics)."""
     model = load_model(path, args)
     torch.manual_seed(seed)
-    return model, train(model, batches, loss_fn, lr_flag, args, desc)
+    metrics = train(model, batches, loss_fn, lr_flag, args, desc)
+    return whole(model), metrics
+
+
+# --- Plumbing: several GPUs under torchrun: FSDP2 to train, data parallel to sample and score ---
+def start_processes():
+    """Under torchrun, join the other processes: one GPU each (NCCL), or CPU cores (gloo, tests)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+
+
+def say(text, file=None):
+    """print, from rank 0 only under torchrun."""
+    if rank_and_world()[0] == 0:
+        print(text, file=file or sys.stdout)
+
+
+def rank_and_world():
+    """(this process's rank, number of processes): (0, 1) without torchrun."""
+    if not dist.is_initialized():
+        return 0, 1
+    return dist.get_rank(), dist.get_world_size()
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def rank_0_sees(value):
+    """Rank 0's value on every rank, such as whether a file exists: the ranks skip work alike."""
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def summed(tensor):
+    """A tensor summed over the ranks (a NaN on one rank is seen by all)."""
+    if dist.is_initialized():
+        tensor = tensor.clone()
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def data_parallel(work, items):
+    """work(items) shared out: rank r takes every world-th item from the r-th, and every rank
+    gets all the results back in the items' order."""
+    rank, world = rank_and_world()
+    if world == 1:
+        return work(items)
+    share = items[rank::world]
+    shares = [None] * world
+    dist.all_gather_object(shares, work(share) if share else [])
+    results = [None] * len(items)
+    for r, part in enumerate(shares):
+        results[r::world] = part
+    return results
+
+
+def shard_for_training(model):
+    """FSDP2 (ZeRO-3): each decoder layer, then the rest, split across the ranks; weights,
+    gradients and AdamW's m and v are each rank's shard."""
+    for layer in model.get_decoder().layers:
+        fully_shard(layer)
+    fully_shard(model)
+
+
+def whole(model):
+    """A model trained under FSDP2, whole again on every rank, to score and sample in data
+    parallel and to be saved; in one process, the model as it is."""
+    if not isinstance(model, FSDPModule):
+        return model
+    state_dict = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    model.config.architectures = [type(model).__mro__[2].__name__]  # not FSDP<name>
+    weight = next(iter(state_dict.values()))
+    with torch.device(weight.device):
+        copy = AutoModelForCausalLM.from_config(model.config, dtype=weight.dtype)
+    copy.load_state_dict(state_dict)
+    copy.generation_config = model.generation_config
+    return copy.eval()
 
 
 # --- Plumbing: arguments, checked before anything runs ---
@@ -1644,10 +1788,10 @@ def check_method(args, given):
         fail("--sft_epochs 0 makes M0 the global reference itself, so P = 0.5 for every pair: "
              "pass --global_reference (the base model of Eq. 4)")
     if args.judge_sft_only and self_reference:
-        print(f"scir.py: warning: the global reference of Eq. 4 is --model itself, and "
-              f"--judge_sft_only moves M0 only {args.sft_epochs} epoch(s) at lr {args.sft_lr} away "
-              f"from it: P stays near 0.5 and Eq. 6's mask rarely fires; section 4.1 uses the base "
-              f"model, --global_reference mistralai/Mistral-7B-v0.3", file=sys.stderr)
+        say(f"scir.py: warning: the global reference of Eq. 4 is --model itself, and "
+            f"--judge_sft_only moves M0 only {args.sft_epochs} epoch(s) at lr {args.sft_lr} away "
+            f"from it: P stays near 0.5 and Eq. 6's mask rarely fires; section 4.1 uses the base "
+            f"model, --global_reference mistralai/Mistral-7B-v0.3", file=sys.stderr)
 
 
 AFTER_THE_FACT = ("output_dir", "eval_reward_bench", "evaluate", "eval_limit")  # no training file
@@ -1676,9 +1820,7 @@ def check_same_settings(out, args, data_sha256):
         if changed:
             fail(f"{out} holds a run made with other settings or data: {', '.join(changed)}; "
                  f"rerun with those or use a new --output_dir")
-    Path(f"{path}.tmp").write_text(json.dumps(asdict(args) | {"data_sha256": data_sha256},
-                                              indent=1))
-    os.replace(f"{path}.tmp", path)
+    write_text(path, json.dumps(asdict(args) | {"data_sha256": data_sha256}, indent=1))
 
 
 # --- Plumbing: everything checked before the first file is written ---
@@ -1694,8 +1836,8 @@ def prepare(args, out):
     random.Random(args.seed).shuffle(prompt_rows)  # the same for every run with this --seed
     prompt_rows = prompt_rows[args.prompt_offset:]
     if len(prompt_rows) < args.iterations * args.num_prompts:
-        print(f"note: {len(prompt_rows)} prompts for {args.iterations} x {args.num_prompts}: "
-              f"each iteration gets {len(prompt_rows) // args.iterations}")
+        say(f"note: {len(prompt_rows)} prompts for {args.iterations} x {args.num_prompts}: "
+            f"each iteration gets {len(prompt_rows) // args.iterations}")
     per_iteration = min(args.num_prompts, len(prompt_rows) // args.iterations)
     if per_iteration == 0:
         fail(f"{len(prompt_rows)} prompts cannot be shared by {args.iterations} iterations")
@@ -1801,7 +1943,7 @@ def build_demo(out):
     import prompts
 
     model_dir, data_dir = out / "demo-base", out / "demo-data"
-    if not model_dir.exists():
+    if not rank_0_sees(model_dir.exists()):
         bpe = Tokenizer(models.BPE())
         bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         bpe.decoder = decoders.ByteLevel()
