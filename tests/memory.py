@@ -2,6 +2,7 @@
 
     python tests/memory.py --shape all                    # both shapes, 32 layers: README's table
     python tests/memory.py --shape llama-3-8b --layers 2  # seconds (test_memory.py extrapolates)
+    python tests/memory.py --ranks 8 --stages scir cream  # per rank under FSDP2 (torchrun)
 
 The model is built inside FakeTensorMode: its bf16 weights and every activation have shapes and
 dtypes but no storage, so 32 layers cost no memory. The scripts' own `train`, loss functions and
@@ -64,7 +65,13 @@ SHAPES = {
         vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
         num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=8192,
         rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=False)),
+    # only with --ranks: no single 80 GB card holds its training state
+    "llama-3-70b": (LlamaForCausalLM, LlamaConfig, dict(
+        vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+        num_attention_heads=64, num_key_value_heads=8, head_dim=128, max_position_embeddings=8192,
+        rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=False)),
 }
+ONE_GPU = ("mistral-7b", "llama-3-8b")
 # the validation's reduced width: the real vocabulary, a narrow body that a CPU runs in seconds
 NARROW = dict(hidden_size=256, intermediate_size=896, num_attention_heads=4, num_key_value_heads=2,
               head_dim=64)
@@ -486,6 +493,24 @@ def sampling_budget(shape, total_gib=79.19, context_gib=0.5):
 
 
 # --- CLI ---
+@contextlib.contextmanager
+def fake_ranks(ranks):
+    """Rank 0 of `ranks` processes whose collectives do nothing (torch's fake process group):
+    train then shards the model with FSDP2 and takes rank 0's share, as under torchrun, and
+    the tracker counts what rank 0 holds, all-gathered layers included."""
+    if ranks == 1:
+        yield
+        return
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=ranks)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
 def gib(sizes):
     return {f"{k}_gib": round(v / GiB, 2) for k, v in sizes.items()}
 
@@ -498,11 +523,16 @@ def main():
     parser.add_argument("--stages", nargs="+", default=stages, choices=stages)
     parser.add_argument("--batch_size", type=int, help="pairs (SFT: sequences) per micro-batch "
                         "in the training steps; default: the scripts' Args default (2)")
+    parser.add_argument("--ranks", type=int, default=1, help="processes under torchrun: the "
+                        "training steps' memory per rank with FSDP2")
     args = parser.parse_args()
+    if args.ranks > 1:
+        with fake_ranks(args.ranks):
+            return ranks_table(args)
     script_args = {"batch_size": args.batch_size} if args.batch_size else {}
     start = time.perf_counter()
     rows, flops = [], []
-    for shape in SHAPES if args.shape == "all" else [args.shape]:
+    for shape in ONE_GPU if args.shape == "all" else [args.shape]:
         for stage in args.stages:
             began = time.perf_counter()
             if stage in TRAINING:
@@ -548,6 +578,24 @@ def main():
         for row in flops:
             print("| " + " | ".join(str(row[c]) for c in columns) + " |")
     print(f"\n{time.perf_counter() - start:.0f} s")
+
+
+def ranks_table(args):
+    """The training steps' peak on one of args.ranks ranks under FSDP2 (train shards the model),
+    run at the shape's full depth: the gathered layers and the gradients waiting to be
+    reduce-scattered do not grow with depth, so extrapolate's lines would overshoot."""
+    columns = ["stage", "shape", "ranks", *(f"{c}_gib" for c in CATEGORIES), "peak_gib"]
+    rows = []
+    for shape in [*SHAPES] if args.shape == "all" else [args.shape]:
+        for stage in [s for s in args.stages if s in TRAINING]:
+            began = time.perf_counter()
+            sizes = measure_training(stage, shape).peak()
+            row = {"stage": TRAINING[stage], "shape": shape, "ranks": args.ranks} | gib(sizes)
+            print(json.dumps(row | {"seconds": round(time.perf_counter() - began, 1)}), flush=True)
+            rows.append(row)
+    print("\n| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
+    for row in rows:
+        print("| " + " | ".join(str(row.get(c, "")) for c in columns) + " |")
 
 
 if __name__ == "__main__":

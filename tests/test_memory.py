@@ -80,7 +80,7 @@ def test_fake_run_counts_what_a_real_run_counts():
 def test_sampling_cache_fits_the_card():
     """generate_batch's cache, sized by transformers for an 80 GB card, holds 128 KiB a token
     (K and V, 32 layers, 8 heads of 128, bf16) and stays within 80% of the free memory."""
-    for shape in memory.SHAPES:
+    for shape in memory.ONE_GPU:
         budget = memory.sampling_budget(shape, total_gib=79.19, context_gib=0.5)
         assert budget["kv_bytes_per_token"] == 2 * 32 * 8 * 128 * 2
         free = 79.19 * GiB - budget["weights"] - 0.5 * GiB
