@@ -1584,14 +1584,15 @@ def train(model, batches, loss_fn, lr_flag, args, desc):
 def backward(model, metrics, scale):
     """Gradients of metrics["loss"] * scale. A loss on detached copies of forward outputs
     (metrics["detached"]: [(outputs, copies)], scir_batch_loss) then sends its gradient through
-    each forward pass in a backward of its own; a model sharded by FSDP2 stays gathered until
-    the last of them, which the later ones need."""
+    each forward pass in a backward of its own. Under FSDP2 the root module (embedding, head)
+    stays gathered until the last of them, whose head the later ones saved; each layer is
+    gathered again when activation checkpointing recomputes it."""
     (metrics["loss"] * scale).backward()
     passes = [(outputs, copies) for outputs, copies in metrics.pop("detached", [])
               if any(output.requires_grad for output in outputs)]
     for k, (outputs, copies) in enumerate(passes):
         if isinstance(model, FSDPModule):
-            model.set_reshard_after_backward(k == len(passes) - 1)
+            model.set_reshard_after_backward(k == len(passes) - 1, recurse=False)
             model.set_is_last_backward(k == len(passes) - 1)
         torch.autograd.backward(outputs, [copy.grad for copy in copies])
 
