@@ -5,6 +5,7 @@ arXiv 2410.12735): Algorithm 1 in one file. README.md maps each equation to its 
     python cream.py --model mistralai/Mistral-7B-v0.3             # any HF causal LM
     python cream.py --method srlm --evaluate --output_dir runs/cream-srlm  # Table 1's SRLM rows
     python cream.py --demo                                        # offline: tiny model, 2 CPU cores
+    torchrun --nproc_per_node 8 cream.py --model meta-llama/Meta-Llama-3-8B-Instruct  # 8 GPUs
 """
 
 import contextlib

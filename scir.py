@@ -1,10 +1,11 @@
-"""SCIR: Self-Consistent Internal Rewards (Zhou et al., arXiv 2502.08922) on one GPU.
+"""SCIR: Self-Consistent Internal Rewards (Zhou et al., arXiv 2502.08922) on one GPU, or several.
 
     python scir.py --model mistralai/Mistral-7B-v0.3                # the paper's setup, 80 GB
     python scir.py --model mistralai/Mistral-7B-Instruct-v0.3 --judge_sft_only \\
         --global_reference mistralai/Mistral-7B-v0.3                # strong SFT (Table 3)
     python scir.py --method external                                # Table 2's Skywork baseline
     python scir.py --demo                                           # offline, tiny model, CPU
+    torchrun --nproc_per_node 8 scir.py --model mistralai/Mistral-7B-v0.3  # 8 GPUs (README)
 
 SFT gives M0 (section 4.1, Appendix C.1). Each iteration, M_t samples 4 responses per fresh
 prompt and two of them form an unlabeled pair. Training M_t -> M_{t+1} computes at every step the
