@@ -1083,14 +1083,10 @@ def train(model, batches, loss_fn, lr_flag, args, desc):
                  f"{step * args.grad_accum + len(group) - 1}{stop}")
         adamw_step(params, state, learning_rate(step, len(steps), lr, args.warmup_ratio))
         model.zero_grad(set_to_none=True)
-    bad = sum(not torch.isfinite(t.to_local() if isinstance(t, DTensor) else t).all()
-              for t in params)  # no loss sees the last step's update
-    if summed(torch.tensor(float(bad), device=model.device)) > 0:
+    if not all_finite(params, model.device):  # the last update is seen by no loss
         fail(f"{desc}: the weights became non-finite{stop}")
     model.eval()
-    sums = summed(torch.tensor([count, *totals.values()], dtype=torch.float64,
-                               device=model.device)).tolist()
-    return {k: v / sums[0] for k, v in zip(totals, sums[1:])}
+    return mean_metrics(totals, count, model.device)
 
 
 # --- Plumbing: several GPUs under torchrun: FSDP2 to train, data parallel to sample and score ---
@@ -1150,6 +1146,19 @@ def data_parallel(work, items):
     for r, part in enumerate(shares):
         results[r::world] = part
     return results
+
+
+def all_finite(tensors, device):
+    """True if every tensor (under FSDP2, every rank's shard of it) is finite on every rank."""
+    bad = sum(not torch.isfinite(t.to_local() if isinstance(t, DTensor) else t).all()
+              for t in tensors)
+    return summed(torch.tensor(float(bad), device=device)).item() == 0
+
+
+def mean_metrics(totals, count, device):
+    """Metrics summed over count micro-batches on each rank -> their means over all ranks."""
+    sums = summed(torch.tensor([count, *totals.values()], dtype=torch.float64, device=device))
+    return {k: v / sums[0].item() for k, v in zip(totals, sums[1:].tolist())}
 
 
 def shard_for_training(model):

@@ -504,10 +504,18 @@ def fake_ranks(ranks):
     import torch.distributed as dist
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
+    clip = torch.nn.utils.clip_grad_norm_
+
+    def clip_on_fake_ranks(*args, **kwargs):  # the fake group's all-reduce leaves the global
+        clip(*args, **kwargs)                  # norm unwritten: train would read garbage
+        return torch.zeros(())
+
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=ranks)
+    torch.nn.utils.clip_grad_norm_ = clip_on_fake_ranks
     try:
         yield
     finally:
+        torch.nn.utils.clip_grad_norm_ = clip
         dist.destroy_process_group()
 
 

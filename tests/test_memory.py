@@ -86,3 +86,19 @@ def test_sampling_cache_fits_the_card():
         free = 79.19 * GiB - budget["weights"] - 0.5 * GiB
         assert budget["footprint"] <= 0.8 * free
         assert budget["cache_tokens"] > 100_000  # room for a 256-sequence batch of 2,048 tokens
+
+
+def test_fsdp2_rank_holds_its_shard_of_the_training_state():
+    """tests/memory.py --ranks: on rank 0 of 8 (torch's fake process group), FSDP2 leaves AdamW's
+    m and v as the rank's shard of every parameter (dim 0 cut in 8, padded) and gathers the rest
+    only while it is used: the per-rank rows of the README's 'Several GPUs' table."""
+    narrow = memory.NARROW | {"vocab_size": 1024}  # layers outweigh embedding and head
+    model = memory.build_model("mistral-7b", 4, **narrow)
+    shard_bytes = sum(-(-p.shape[0] // 8) * p[0].numel() * 2 for p in model.parameters())
+    whole_bytes = sum(p.numel() * 2 for p in model.parameters())
+    with memory.fake_ranks(8):
+        peak = memory.measure_training("cream", None, model=model, lengths=(512, 128, 128)).peak()
+    blocks = 2 * 512 * len(list(model.parameters()))  # m and v, each rounded to 512-byte blocks
+    assert 0 <= peak["optimizer_state"] - 2 * shard_bytes <= blocks
+    assert peak["params"] < whole_bytes  # never the whole model at once
+    assert peak["params"] > shard_bytes  # the shards, and what is gathered to compute
