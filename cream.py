@@ -1046,9 +1046,9 @@ def micro_batches(items, batch_size, seed):
 
 
 def train(model, batches, loss_fn, lr_flag, args, desc):
-    """Gradient accumulation, clipping, AdamW at args.<lr_flag> -> mean metrics. A loss, gradient
-    or weight that turns non-finite stops the run before anything is saved. Under torchrun the
-    model is sharded (FSDP2) and each rank takes its share of every step's micro-batches."""
+    """Gradient accumulation, clipping, AdamW at args.<lr_flag> -> mean metrics; a non-finite loss,
+    gradient or weight stops the run before anything is saved. Under torchrun: FSDP2, and each
+    rank takes its share of every step's micro-batches."""
     lr = getattr(args, lr_flag)
     stop = (f" with --{lr_flag} {lr}; nothing was saved, and the models before it are intact "
             f"(README)")

@@ -1534,10 +1534,9 @@ def learning_rate(step, total_steps, peak, warmup_ratio):
 
 # --- Plumbing: the training loop ---
 def train(model, batches, loss_fn, lr_flag, args, desc):
-    """Gradient accumulation over `batches` (micro-batches), clipping, AdamW at args.<lr_flag>
-    -> mean metrics. Stops before anything is saved if a loss, gradient or weight turns
-    non-finite. Under torchrun the model is sharded (FSDP2) and each rank takes its share of
-    every step's micro-batches."""
+    """Gradient accumulation, clipping, AdamW at args.<lr_flag> -> mean metrics; a non-finite loss,
+    gradient or weight stops the run before anything is saved. Under torchrun: FSDP2, and each
+    rank takes its share of every step's micro-batches."""
     lr = getattr(args, lr_flag)
     stop = (f" with --{lr_flag} {lr}; nothing was saved, and the models before it are intact "
             f"(README)")
