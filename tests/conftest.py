@@ -17,8 +17,13 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+TOOLS = ROOT / "tests" / "tools"
+# The one place where the tests' imports are set up (pytest loads this file before any test module):
+# the repository root for cream, scir and prompts, and tests/tools for the tools the tests run
+# (toy_world, memory, distributed_step).
+for folder in (TOOLS, ROOT):
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
 
 import prompts  # noqa: E402  (the repository's judge templates and chat format)
 

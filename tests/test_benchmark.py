@@ -6,15 +6,17 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from conftest import ROOT
 
 
 def test_benchmark_tiny_runs_and_reports_every_measurement():
-    """Through tests/gpu_check.sh, the one call a GPU session makes, so that script never rots either."""
+    """Through tests/tools/gpu_check.sh, the one call a GPU session makes, so that script never rots
+    either."""
     bin_dir = str(Path(sys.executable).parent)  # the script calls `python`: this interpreter
-    result = subprocess.run(["bash", "tests/gpu_check.sh", "--config", "tiny"], cwd=ROOT, capture_output=True,
-                            text=True, timeout=240, env={**os.environ, "HF_HUB_OFFLINE": "1",
-                                                         "PATH": bin_dir + os.pathsep + os.environ["PATH"]})
+    result = subprocess.run(["bash", "tests/tools/gpu_check.sh", "--config", "tiny"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=240,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1",
+                                 "PATH": bin_dir + os.pathsep + os.environ["PATH"]})
     assert result.returncode == 0, result.stderr[-2000:]
     lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     header, rows = lines[0], lines[1:]

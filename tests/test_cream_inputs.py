@@ -10,18 +10,13 @@ import json
 import random
 import shutil
 import signal
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-import cream  # noqa: E402
+import cream
 
 # learning rates large enough that the tiny model moves: distinct rewards, so iteration 1 has pairs
 SMALL = ["--iterations", 1, "--num_prompts", 2, "--num_samples", 2, "--max_new_tokens", 4,

@@ -13,11 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-STEP = ROOT / "tests" / "distributed_step.py"
-sys.path.insert(0, str(ROOT / "tests"))
+import distributed_step
+from conftest import ROOT, TOOLS
 
-import distributed_step  # noqa: E402
+STEP = TOOLS / "distributed_step.py"
 
 
 def torchrun(*args, processes=2, timeout=300):

@@ -1,20 +1,16 @@
 """The one-80 GB-GPU promise, checked on a CPU: every training step at the scripts' defaults and
 worst-case lengths peaks at <= 65 GiB of live tensors at Llama-3-8B and Mistral-7B shapes.
 
-tests/memory.py runs the scripts' own train, loss functions and adamw_step on a fake-tensor model
-(shapes, no storage). A 32-layer run takes 20-45 s, so the test measures 1 and 2 layers at full
-width and extrapolates linearly to 32 (memory.extrapolate); a test below checks the
+tests/tools/memory.py runs the scripts' own train, loss functions and adamw_step on a
+fake-tensor model (shapes, no storage). A 32-layer run takes 20-45 s, so the test measures 1 and
+2 layers at full width and extrapolates linearly to 32 (memory.extrapolate); a test below checks the
 extrapolation on a narrow model against a direct run, and another checks the fake run against
 the same run on real tensors. Fake-tensor memory is deterministic: these are exact numbers.
 """
 
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import memory  # noqa: E402
+import memory
 
 GiB = 2**30
 
@@ -89,9 +85,9 @@ def test_sampling_cache_fits_the_card():
 
 
 def test_fsdp2_rank_holds_its_shard_of_the_training_state():
-    """tests/memory.py --ranks: on rank 0 of 8 (torch's fake process group), FSDP2 leaves AdamW's
-    m and v as the rank's shard of every parameter (dim 0 cut in 8, padded) and gathers the rest
-    only while it is used: the per-rank rows of the README's 'Several GPUs' table."""
+    """tests/tools/memory.py --ranks: on rank 0 of 8 (torch's fake process group), FSDP2 leaves
+    AdamW's m and v as the rank's shard of every parameter (dim 0 cut in 8, padded) and gathers the
+    rest only while it is used: the per-rank rows of the README's 'Several GPUs' table."""
     narrow = memory.NARROW | {"vocab_size": 1024}  # layers outweigh embedding and head
     model = memory.build_model("mistral-7b", 4, **narrow)
     shard_bytes = sum(-(-p.shape[0] // 8) * p[0].numel() * 2 for p in model.parameters())

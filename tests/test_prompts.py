@@ -1,17 +1,13 @@
 """Tests for prompts.py: paper transcription, prompt filling, chat turns, identifier tokens."""
 
-import pathlib
 import re
-import sys
 
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import prompts  # noqa: E402
+import prompts
+from conftest import ROOT
 
 SCIR_PAPER = ROOT.parent / "shared" / "papers" / "scir-2502.08922.txt"
 

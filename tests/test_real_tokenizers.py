@@ -11,7 +11,6 @@ hand and encoded here, or from the reference libraries themselves (sentencepiece
 import copy
 import importlib.util
 import shutil
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -21,13 +20,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Genera
 
 from conftest import JUDGE_ROWS, SFT_ROWS, build_model, read_jsonl
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-import cream  # noqa: E402
-import prompts  # noqa: E402
-import scir  # noqa: E402
+import cream
+import prompts
+import scir
 
 KINDS = ("mistral", "mistral-instruct", "llama3", "llama3-instruct")
 VOCAB_SIZE = {"mistral": 32768, "mistral-instruct": 32768,

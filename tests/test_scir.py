@@ -12,7 +12,6 @@ that merges '[[m', the bad-input folders) are built here.
 import hashlib
 import json
 import math
-import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -20,12 +19,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-import prompts  # noqa: E402
-import scir  # noqa: E402
+import prompts
+import scir
 
 # ------------------------------------------------------------------------------------------------------------------
 # Fixtures on top of conftest.py's tiny model (tiny_model_dir, tiny_model) and data folder (data_dir)

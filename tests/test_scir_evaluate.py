@@ -6,16 +6,10 @@ accuracy is known by hand; the real generation path is exercised by the e2e run 
 
 import json
 import shutil
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-import scir  # noqa: E402
+import scir
 
 SMALL = ["--iterations", 1, "--num_prompts", 3, "--num_samples", 2, "--max_new_tokens", 6,
          "--max_length", 700, "--sft_epochs", 1, "--judge_pairs", 2, "--sft_examples", 4,

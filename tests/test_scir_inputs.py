@@ -11,19 +11,15 @@ import fcntl
 import json
 import re
 import signal
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-import prompts  # noqa: E402
-import scir  # noqa: E402
+import prompts
+import scir
+from conftest import ROOT
 
 SMALL = ["--iterations", 1, "--num_prompts", 2, "--num_samples", 2, "--max_new_tokens", 4, "--max_length", 700,
          "--sft_epochs", 1, "--judge_pairs", 1, "--sft_examples", 2, "--batch_size", 2, "--grad_accum", 1,

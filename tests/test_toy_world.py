@@ -1,4 +1,4 @@
-"""The training direction, guarded on a toy world with a known answer (tests/toy_world.py).
+"""The training direction, guarded on a toy world with a known answer (tests/tools/toy_world.py).
 
 A tiny Llama is pretrained here on single-digit addition in which a carry is dropped half the
 time. One iteration of DPO through each script's own functions (its sampler, its reference
@@ -12,17 +12,14 @@ CPU, fixed seeds: the same numbers every run (measured: 0.78 -> 1.00 with oracle
 
 import copy
 import inspect
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import cream  # noqa: E402
-import scir  # noqa: E402
-import toy_world  # noqa: E402
+import cream
+import scir
+import toy_world
 
 FLAGS = ["--num_samples", "4", "--max_new_tokens", "16", "--max_length", "64", "--lr", "1e-4",
          "--epochs", "2", "--batch_size", "8", "--grad_accum", "1", "--score_batch_size", "64",
@@ -147,8 +144,8 @@ def test_oracle_labels_raise_accuracy_swapped_labels_lower_it_and_a_sign_flip_is
 
 
 def test_the_functions_the_oracle_runs_replace_exist_with_these_parameters():
-    """tests/toy_world.py's oracle control replaces one ranking function of each script: renamed or
-    changed, the oracle run would rank by the method's own reward instead, silently."""
+    """tests/tools/toy_world.py's oracle control replaces one ranking function of each script:
+    renamed or changed, the oracle run would rank by the method's own reward instead, silently."""
     for name, (hook, parameters) in toy_world.ORACLE_HOOKS.items():
         function = getattr(SCRIPTS[name][0], hook)
         assert list(inspect.signature(function).parameters) == parameters

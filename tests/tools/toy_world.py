@@ -1,8 +1,8 @@
 """A toy world with a known answer: watch both self-rewarding loops learn, or fail, on 2 CPU cores.
 
-    python tests/toy_world.py                  # base, 7 methods x 5 seeds, the tables (~18 min)
-    python tests/toy_world.py --quick          # 1 seed, 60 prompts an iteration (~3.5 min)
-    python tests/toy_world.py --seeds 1 2 3 --out /tmp/toyworld --jobs 2
+    python tests/tools/toy_world.py          # base, 7 methods x 5 seeds, the tables (~18 min)
+    python tests/tools/toy_world.py --quick  # 1 seed, 60 prompts an iteration (~3.5 min)
+    python tests/tools/toy_world.py --seeds 1 2 3 --out /tmp/toyworld --jobs 2
 
 The world: single-digit addition (a + b, a and b in 1..9), asked in 4 phrasings and answered in 6
 reply styles; a reply is right when its last number is a + b. 27 of the 81 problems are held out
@@ -33,7 +33,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # prompts.py, and the scripts for the oracle
     sys.path.insert(0, str(ROOT))
 

@@ -1,8 +1,8 @@
 """Peak GPU memory of the scripts' training steps, scoring and sampling at 7B/8B shapes, on a CPU.
 
-    python tests/memory.py --shape all                    # both shapes, 32 layers: README's table
-    python tests/memory.py --shape llama-3-8b --layers 2  # seconds (test_memory.py extrapolates)
-    python tests/memory.py --ranks 8 --stages scir cream  # per rank under FSDP2 (torchrun)
+    python tests/tools/memory.py --shape all                    # both shapes, 32 layers: README's table
+    python tests/tools/memory.py --shape llama-3-8b --layers 2  # seconds (test_memory.py extrapolates)
+    python tests/tools/memory.py --ranks 8 --stages scir cream  # per rank under FSDP2 (torchrun)
 
 The model is built inside FakeTensorMode: its bf16 weights and every activation have shapes and
 dtypes but no storage, so 32 layers cost no memory. The scripts' own `train`, loss functions and
@@ -49,7 +49,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop, sdpa_flop
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root
 import cream  # noqa: E402
 import scir  # noqa: E402
 

@@ -1,7 +1,7 @@
 """Measure what the scripts' own functions cost: training steps, reference scoring, sampling, and CPU ratios.
 
-    python tests/benchmark.py --config tiny          # CPU, < 60 s on 2 cores (tests/test_benchmark.py runs it)
-    python tests/benchmark.py --config mistral-7b    # the Mistral-7B-v0.3 architecture, random bf16 weights, one GPU
+    python tests/tools/benchmark.py --config tiny        # CPU, < 60 s on 2 cores (tests/test_benchmark.py runs it)
+    python tests/tools/benchmark.py --config mistral-7b  # the Mistral-7B-v0.3 architecture, random bf16 weights, one GPU
 
 Prints one JSON line per measurement, then a markdown table. Peak memory is torch.cuda.max_memory_allocated on a
 GPU and the process's peak resident set (VmHWM, reset before each measurement) on CPU. Machines are noisy: compare
@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from transformers import GenerationConfig, MistralConfig, MistralForCausalLM
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root
 import cream  # noqa: E402
 import scir  # noqa: E402
 

@@ -1,8 +1,8 @@
 """One script's `train` on fixed micro-batches, in one process or under torchrun: the weights after
 it are written to --out (rank 0). tests/test_distributed.py compares the two.
 
-    python tests/distributed_step.py --script cream --loss dpo --out one.pt
-    torchrun --nproc_per_node 2 tests/distributed_step.py --script cream --loss dpo --out two.pt
+    python tests/tools/distributed_step.py --script cream --loss dpo --out one.pt
+    torchrun --nproc_per_node 2 tests/tools/distributed_step.py --script cream --loss dpo --out two.pt
     torchrun ... --unsynced   # each rank trains its own copy, no gradient exchange (CREAM's
                               # official code, anchors defect 1): must NOT match one process
     ... --script scir --loss scir --work DIR   # Eq. 7 on scir.py's demo model and tokenizer
@@ -16,7 +16,7 @@ from types import SimpleNamespace
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 import cream  # noqa: E402

@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # The one-GPU check of issue 11, as a single call on a machine that downloads nothing:
-#   bash tests/gpu_check.sh                  # Mistral-7B-v0.3 shapes, random bf16 weights (< 10 min on an H100/H200)
-#   bash tests/gpu_check.sh --config tiny    # the same script on a CPU (tests/test_benchmark.py runs it)
+#   bash tests/tools/gpu_check.sh                # Mistral-7B-v0.3 shapes, random bf16 weights (< 10 min on an H100/H200)
+#   bash tests/tools/gpu_check.sh --config tiny  # the same script on a CPU (tests/test_benchmark.py runs it)
 # Wheels carried in .gl/wheels (transformers >= 5.23 and what it needs, made with `pip download`, see README) are
 # installed first, without dependencies, so an older transformers on the machine is replaced.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 if compgen -G ".gl/wheels/*.whl" > /dev/null; then
     python -m pip install --quiet --no-deps --no-index .gl/wheels/*.whl
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no GPU"
 python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
-python tests/benchmark.py --config mistral-7b "$@"  # a later --config wins
+python tests/tools/benchmark.py --config mistral-7b "$@"  # a later --config wins
