@@ -1,5 +1,7 @@
 """Shared fixtures: a tiny random Llama with a byte-level BPE tokenizer, a small local data folder, and a
-helper that runs a script of the repository as a subprocess (offline, CPU).
+helper that runs a script of the repository as a subprocess (offline, CPU). Also the helpers
+that both input tests use (test_scir_inputs.py, test_cream_inputs.py), given their script's name
+and settings.
 
 Everything is built in a session-scoped tmp folder, so every test file (cream.py, scir.py) reuses the same
 model and tokenizer, loadable by path with AutoModelForCausalLM / AutoTokenizer like a Hub checkpoint.
@@ -207,3 +209,56 @@ def run_script(start_script):
     def run(script, *args, timeout=300, env=None):
         return start_script(script, *args, timeout=timeout, env=env).result()
     return run
+
+
+# ------------------------------------------------------------------------------------------------
+# The input tests' helpers; each file binds its script's name, small settings and data files
+# (functools.partial)
+# ------------------------------------------------------------------------------------------------
+def short_run_argv(small, model, data, out, *extra):
+    """A short run's command line, as strings: --model, --data_dir, --output_dir (argv[5]), the
+    test file's small settings, then extra flags."""
+    return [str(a) for a in ["--model", model, "--data_dir", data, "--output_dir", out, *small,
+                             *extra]]
+
+
+def one_line_error(script, call):
+    """The one-line message of a failure of `script` (sys.exit(message)); any other exception
+    fails the test."""
+    with pytest.raises(SystemExit) as info:
+        call()
+    message = info.value.code
+    assert isinstance(message, str) and "\n" not in message, message
+    assert message.startswith(f"{script}: error: ")
+    return message
+
+
+def copy_data_files(data_dir, folder, names, **replace):
+    """A copy of the named files of the tiny data folder; name=text then writes <name>.jsonl with
+    that text (a file replaced or added)."""
+    folder.mkdir(parents=True)
+    for name in names:
+        (folder / name).write_bytes((Path(data_dir) / name).read_bytes())
+    for name, text in replace.items():
+        (folder / f"{name}.jsonl").write_text(text, encoding="utf-8")
+    return folder
+
+
+def tiny_llama(tokenizer, folder, vocab_size=None, drop=None):
+    """A random tiny Llama saved with the tokenizer; vocab_size smaller than the tokenizer's, or
+    one weight dropped from the file, make a broken checkpoint."""
+    from safetensors.torch import load_file, save_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=vocab_size or len(tokenizer), hidden_size=32,
+                         intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=1024,
+                         tie_word_embeddings=False)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    if drop:
+        weights = load_file(folder / "model.safetensors")
+        del weights[drop]
+        save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder

@@ -11,12 +11,13 @@ import random
 import shutil
 import signal
 import time
-from pathlib import Path
+from functools import partial
 
 import pytest
 import torch
 
 import cream
+from conftest import copy_data_files, one_line_error, short_run_argv, tiny_llama
 
 # learning rates large enough that the tiny model moves: distinct rewards, so iteration 1 has pairs
 SMALL = ["--iterations", 1, "--num_prompts", 2, "--num_samples", 2, "--max_new_tokens", 4,
@@ -28,30 +29,11 @@ EVAL_ROWS = [{"task": "arc_easy", "prompt": "Which one is a color?\nA. red\nB. d
              {"task": "gsm8k", "prompt": "What is 10 minus 4?", "answer": "6"}]
 
 
-def argv(model, data, out, *extra):
-    flags = ["--model", model, "--data_dir", data, "--output_dir", out, *SMALL, *extra]
-    return [str(a) for a in flags]
-
-
-def error_of(call):
-    """The one-line message of a cream.py failure (sys.exit(message)); any other exception fails."""
-    with pytest.raises(SystemExit) as info:
-        call()
-    message = info.value.code
-    assert isinstance(message, str) and "\n" not in message, message
-    assert message.startswith("cream.py: error: ")
-    return message
-
-
-def copy_data(data_dir, folder, **replace):
-    """A copy of the tiny data folder with eval.jsonl added, and some files' text replaced."""
-    folder.mkdir(parents=True)
-    for name in ("sft.jsonl", "prompts.jsonl"):
-        (folder / name).write_bytes((Path(data_dir) / name).read_bytes())
-    (folder / "eval.jsonl").write_text("".join(json.dumps(row) + "\n" for row in EVAL_ROWS))
-    for name, text in replace.items():
-        (folder / f"{name}.jsonl").write_text(text, encoding="utf-8")
-    return folder
+argv = partial(short_run_argv, SMALL)  # --model, --data_dir, --output_dir (argv[5]), SMALL, extra
+error_of = partial(one_line_error, "cream.py")
+# the tiny data folder's sft.jsonl and prompts.jsonl, and eval.jsonl of EVAL_ROWS
+copy_data = partial(copy_data_files, names=("sft.jsonl", "prompts.jsonl"),
+                    eval="".join(json.dumps(row) + "\n" for row in EVAL_ROWS))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -164,26 +146,6 @@ def test_eval_question_too_long_is_named_before_sft(tiny_model_dir, tiny_tokeniz
 # ------------------------------------------------------------------------------------------------
 # 4. Model and tokenizer checked before SFT
 # ------------------------------------------------------------------------------------------------
-def tiny_llama(tokenizer, folder, vocab_size=None, drop=None):
-    """A random tiny Llama saved with the tokenizer; vocab_size smaller than the tokenizer's, or
-    one weight dropped from the file, make a broken checkpoint."""
-    from safetensors.torch import load_file, save_file
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(vocab_size=vocab_size or len(tokenizer), hidden_size=32,
-                         intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, max_position_embeddings=1024,
-                         tie_word_embeddings=False)
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    if drop:
-        weights = load_file(folder / "model.safetensors")
-        del weights[drop]
-        save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
-    return folder
-
-
 def test_tokenizer_larger_than_the_embedding_is_refused(tiny_tokenizer, data_dir, tmp_path):
     small = tiny_llama(tiny_tokenizer, tmp_path / "small", vocab_size=len(tiny_tokenizer) - 10)
     message = error_of(lambda: cream.main(argv(small, data_dir, tmp_path / "out")))

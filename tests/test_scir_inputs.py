@@ -12,6 +12,7 @@ import json
 import re
 import signal
 import time
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -19,35 +20,17 @@ import torch
 
 import prompts
 import scir
-from conftest import ROOT
+from conftest import ROOT, copy_data_files, one_line_error, short_run_argv, tiny_llama
 
 SMALL = ["--iterations", 1, "--num_prompts", 2, "--num_samples", 2, "--max_new_tokens", 4, "--max_length", 700,
          "--sft_epochs", 1, "--judge_pairs", 1, "--sft_examples", 2, "--batch_size", 2, "--grad_accum", 1,
          "--dtype", "float32"]
 
 
-def argv(model, data, out, *extra):
-    return [str(a) for a in ["--model", model, "--data_dir", data, "--output_dir", out, *SMALL, *extra]]
-
-
-def error_of(call):
-    """The one-line message of a scir.py failure (sys.exit(message)); any other exception fails the test."""
-    with pytest.raises(SystemExit) as info:
-        call()
-    message = info.value.code
-    assert isinstance(message, str) and "\n" not in message, message
-    assert message.startswith("scir.py: error: ")
-    return message
-
-
-def copy_data(data_dir, folder, **replace):
-    """A copy of the tiny data folder, with some files' text replaced."""
-    folder.mkdir(parents=True)
-    for name in ("sft.jsonl", "judge.jsonl", "prompts.jsonl", "rewardbench.jsonl"):
-        (folder / name).write_bytes((Path(data_dir) / name).read_bytes())
-    for name, text in replace.items():
-        (folder / f"{name}.jsonl").write_text(text, encoding="utf-8")
-    return folder
+argv = partial(short_run_argv, SMALL)  # --model, --data_dir, --output_dir (argv[5]), SMALL, extra
+error_of = partial(one_line_error, "scir.py")
+copy_data = partial(copy_data_files, names=("sft.jsonl", "judge.jsonl", "prompts.jsonl",
+                                             "rewardbench.jsonl"))
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -154,25 +137,6 @@ def test_reward_bench_row_with_an_empty_side_is_named(tiny_model_dir, data_dir, 
 # ------------------------------------------------------------------------------------------------------------------
 # 4. Model and tokenizer checked before SFT
 # ------------------------------------------------------------------------------------------------------------------
-def tiny_llama(tokenizer, folder, vocab_size=None, drop=None):
-    """A random tiny Llama saved with the tokenizer; vocab_size smaller than the tokenizer's, or one weight
-    dropped from the file, make a broken checkpoint."""
-    from safetensors.torch import load_file, save_file
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(vocab_size=vocab_size or len(tokenizer), hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=1024, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    if drop:
-        weights = load_file(folder / "model.safetensors")
-        del weights[drop]
-        save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
-    return folder
-
-
 def test_tokenizer_larger_than_the_embedding_is_refused(tiny_tokenizer, data_dir, tmp_path):
     small = tiny_llama(tiny_tokenizer, tmp_path / "small", vocab_size=len(tiny_tokenizer) - 10)
     message = error_of(lambda: scir.main(argv(small, data_dir, tmp_path / "out")))
