@@ -1,7 +1,8 @@
-"""The papers' baselines, ablations and analyses (issue 5): scir.py's Table 2 baselines, Table 4 ablations, Table 1
-consistency and Figure 3 RewardBench accuracy; cream.py's consistency measures (Table 4), SRLM and P-SRLM baselines
-and downstream evaluation (Table 1); both final tables. Against hand-worked cases and brute force, and through the
-CLI."""
+"""The papers' baselines, ablations and analyses (README, 'Reproducing the papers' tables'):
+scir.py's Table 2 baselines, Table 4 ablations, Table 1 consistency and Figure 3 RewardBench
+accuracy; cream.py's consistency measures (Table 4), SRLM and P-SRLM baselines and downstream
+evaluation (Table 1); both final tables. Against hand-worked cases and brute force, and through
+the CLI."""
 
 import json
 from pathlib import Path
@@ -186,7 +187,8 @@ def test_no_adaptive_reference_reaches_the_loss(monkeypatch, tmp_path, tiny_mode
 
 
 @pytest.mark.parametrize("reply, expected", [
-    ("a", None),                                   # the English word, not option A (anchors #6)
+    # the English word, not option A (README, 'Defects of public implementations': CREAM #6)
+    ("a", None),
     ("It is a fact that a b c d", None),
     ("(B)", "B"),
     ("Answer: C.", "C"),
@@ -707,7 +709,7 @@ def test_pointwise_prompt_cuts_only_a_response_that_does_not_fit(tiny_tokenizer)
 
 def test_scir_hub_loaders_on_rows_shaped_like_the_hub(monkeypatch):
     """load_hub_data and load_reward_bench with datasets.load_dataset answering rows shaped as the cards say
-    (shared/notes/datasets.md): Alpaca's input joined to its instruction, LIMA's first exchange, English single-turn
+    (README, 'Data'): Alpaca's input joined to its instruction, LIMA's first exchange, English single-turn
     oasst2 prompts without the 'prompter: ' prefix, RewardBench pairs without a gold label dropped."""
     import datasets
 
@@ -746,7 +748,7 @@ def test_scir_hub_loaders_on_rows_shaped_like_the_hub(monkeypatch):
 
 
 def test_cream_hub_loader_on_rows_shaped_like_the_hub(monkeypatch):
-    """cream.load_hub_data with datasets.load_dataset answering rows shaped as the cards say (datasets.md): D_S is
+    """cream.load_hub_data with datasets.load_dataset answering rows shaped as the cards say (README, 'Data'): D_S is
     English oasst1 root prompts joined to their rank-0 reply; D_U adds the five tasks' train questions; --evaluate
     scores ARC, OpenBookQA and GSM8K on test and SIQA on validation (from its parquet revision)."""
     import datasets
@@ -825,7 +827,8 @@ def test_a_run_made_before_a_flag_existed_resumes_with_its_default(tmp_path):
     assert "--beta 0.5 (now 0.1)" in str(exit_info.value.code)
 
 
-# --- Issue 10: C below 0.5, --sft_epochs 0, and more answers the extractor reads ---
+# --- C below 0.5, --sft_epochs 0 (README, 'Departures from the papers and the official code'),
+# and more answers the extractor reads (README, 'Reproducing the papers' tables') ---
 
 
 @pytest.mark.parametrize("scope, taus", [("dataset", [-0.2]), ("pair", [-0.5, 0.5, -1.0, 1.0])])

@@ -163,7 +163,8 @@ def test_spearman_of_a_constant_vector_is_zero_by_convention():
 
 
 def test_top_order_anchors_example_is_zero():
-    """anchors.md defect 3: best and worst swapped -> 0 (the official code says 1.0), while tau is -0.4."""
+    """README, 'Defects of public implementations': CREAM #3. Best and worst swapped -> 0 (the
+    official code says 1.0), while tau is -0.4."""
     x, y = [3, 1, 5, 2, 4], [3, 5, 1, 2, 4]
     assert brute_kendall(x, y) == pytest.approx(-0.4)
     assert cream.kendall_tau(x, y) == pytest.approx(-0.4)
@@ -200,8 +201,9 @@ def test_top_order_consistency_hand_values(rate, n, expected):
 
 
 def test_top_order_consistency_is_one_half_at_chance_by_enumeration():
-    """Issue 10: every pair of rankings of N = 4 responses once, i.e. unrelated rankings. TopOrder
-    agrees in 1/12 of them (the raw rate would train with C = 0.08); corrected C is 0.5 as tau's."""
+    """Every pair of rankings of N = 4 responses once, i.e. unrelated rankings. TopOrder agrees in
+    1/12 of them (the raw rate would train with C = 0.08); corrected C is 0.5 as tau's.
+    (README, 'Departures from the papers and the official code': TopOrder is chance-corrected.)"""
     import itertools
 
     rows = []
@@ -224,8 +226,9 @@ def test_top_order_consistency_with_two_responses_equals_kendall():
 
 
 def test_reversal_warning_hand_cases(capsys):
-    """Issue 10: C < 0.5 makes line 14 weight the reversed pair more; a warning names the C, or per
-    pair the number of pairs below 0.5 (here 0.2 and 0.4 of four); C >= 0.5 warns nothing."""
+    """C < 0.5 makes line 14 weight the reversed pair more; a warning names the C, or per pair the
+    number of pairs below 0.5 (here 0.2 and 0.4 of four); C >= 0.5 warns nothing.
+    (README, 'Departures from the papers and the official code': C below 0.5.)"""
     def warning(t, pairs, scope):
         cream.check_pairs(t, pairs, scope, unusable=0)
         captured = capsys.readouterr()
@@ -343,7 +346,8 @@ def test_soft_dpo_reduces_to_dpo_and_reversed_dpo():
         assert single.item() == pytest.approx(expected[i].item(), rel=1e-10)
 
 
-# --- 7-8: sequence log-probs, collate labels (anchors defect 2), SFT loss ---
+# --- 7-8: sequence log-probs, collate labels (README, 'Defects of public
+# implementations': CREAM #2), SFT loss ---
 
 SEQUENCES = [  # (prompt_ids, response_ids) with ids below the tiny vocabulary; 1 is </s>
     ([0, 5, 9, 12], [40, 41, 1]),
@@ -403,7 +407,8 @@ def test_sequence_logps_gradient_matches_full_forward(tiny_model):
 
 
 def test_collate_labels_are_minus_100_off_the_response():
-    """anchors.md defect 2: prompt and padding are -100 (not the pad id), even when pad id == EOS in the response."""
+    """README, 'Defects of public implementations': CREAM #2. Prompt and padding are -100 (not the
+    pad id), even when pad id == EOS in the response."""
     sequences = [([0, 5, 6], [7, 1]), ([0, 9], [1]), ([0, 2, 3, 4], [8, 9, 1])]
     input_ids, attention_mask, labels = cream.collate(sequences, pad_id=1)
     x = -100
@@ -430,7 +435,8 @@ def test_sft_loss_is_mean_nll_of_response_tokens(tiny_model):
     assert hf == pytest.approx(expected, rel=1e-5)  # transformers' own shifted cross-entropy agrees
 
 
-# --- 9-10: pairs (anchors defect 5) and rewards (Algorithm 1 lines 6-10) ---
+# --- 9-10: pairs (README, 'Defects of public implementations': CREAM #5) and rewards
+# (Algorithm 1 lines 6-10) ---
 
 
 def sample_row(pid, responses):
@@ -510,9 +516,10 @@ def test_rewards_and_consistency_hand_numbers():
 
 
 def test_identical_samples_tie_in_both_rankings_and_count_zero():
-    """Issue 10: identical samples get the same log-probs under every model: a tie in both rankings.
-    Tau-a (Eq. 3.10) counts that pair 0: r = [1, 1, 0] vs r' = [-11, -11, -12] has (1,2) tied, (1,3)
-    and (2,3) concordant -> 2/3, C = 5/6. scipy on ordinal ranks (official code) would say 1."""
+    """Identical samples get the same log-probs under every model: a tie in both rankings. Tau-a
+    (Eq. 3.10) counts that pair 0: r = [1, 1, 0] vs r' = [-11, -11, -12] has (1,2) tied, (1,3)
+    and (2,3) concordant -> 2/3, C = 5/6. scipy on ordinal ranks (official code) would say 1.
+    (README, 'Departures from the papers and the official code': Kendall tau is tau-a.)"""
     row = sample_row("a", ["same", "same", "other"])
     row["samples"][1]["token_ids"] = row["samples"][0]["token_ids"]
     logps_t, logps_0 = per_prompt([-10.0, -10.0, -12.0]), per_prompt([-11.0, -11.0, -12.0])
@@ -522,7 +529,8 @@ def test_identical_samples_tie_in_both_rankings_and_count_zero():
     assert cream.measured_consistency([rewards], "kendall") == pytest.approx(5 / 6)
 
 
-# --- 11-12: stochastic rounding and AdamW (anchors defect 4, memory.md), learning-rate schedule ---
+# --- 11-12: stochastic rounding and AdamW (README, 'Defects of public implementations': CREAM #4,
+# and 'One 80 GB GPU'), learning-rate schedule ---
 
 
 @pytest.mark.parametrize("sign_", [1.0, -1.0])
@@ -574,7 +582,8 @@ def test_adamw_step_float32_matches_torch_adamw():
 
 
 def test_adamw_bf16_stochastic_rounding_tracks_float32_where_round_to_nearest_stalls():
-    """memory.md: bf16 weight 0.02, constant gradient, lr 1e-6, 300 steps -> fp32 moves ~300 * lr."""
+    """README, 'One 80 GB GPU': bf16 weight 0.02, constant gradient, lr 1e-6, 300 steps -> fp32
+    moves ~300 * lr."""
     steps, lr, n = 300, 1e-6, 4096
     w0 = torch.full((n,), 0.02, dtype=torch.bfloat16)
     grad = torch.ones(n)
@@ -894,7 +903,8 @@ def case_offline_without_data_dir(tmp_path, model, data):
 
 
 def case_no_sft(tmp_path, model, data):
-    """Issue 10: M1 = M0 makes every reward log pi_1 - log pi_0 zero, so iteration 1 has no pair."""
+    """M1 = M0 makes every reward log pi_1 - log pi_0 zero, so iteration 1 has no pair.
+    (README, 'Departures from the papers and the official code': --sft_epochs 0 is refused.)"""
     path = tmp_path / "no-such-model"  # refused before any model is looked for
     argv = ["--model", path, "--data_dir", data, "--sft_epochs", 0]
     return argv, ["--sft_epochs 0", "Eq. 3.9"], {}
@@ -973,9 +983,10 @@ def test_e2e_sampling_memory_is_bounded_for_a_tiny_model(e2e):
 
 @pytest.mark.parametrize("module", ["cream", "scir"])
 def test_sequence_logps_float32_head_on_a_bf16_model(module):
-    """Issue 11: on a bf16 model whose logits spread like a real LM's (std ~4 over 32,768 tokens), summed
+    """On a bf16 model whose logits spread like a real LM's (std ~4 over 32,768 tokens), summed
     log-probs of 300-token responses agree within 0.02 nat with a float64 head and log-softmax applied to the
-    same bf16 hidden states. A bf16 head, which rounds each logit before the float32 cast, is off by more."""
+    same bf16 hidden states. A bf16 head, which rounds each logit before the float32 cast, is off by more.
+    (README, 'One 80 GB GPU': logits only where needed, through an fp32 LM head.)"""
     import importlib
 
     from transformers import LlamaConfig, LlamaForCausalLM

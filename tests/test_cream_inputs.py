@@ -1,4 +1,5 @@
-"""cream.py against bad input and damaged resume state (issue 10; scir.py's: test_scir_inputs.py).
+"""cream.py against bad input and damaged resume state (README, 'Quickstart'; scir.py's:
+test_scir_inputs.py).
 
 Every bad input must end in one line naming the culprit and a non-zero exit, before any training;
 a damaged file of an earlier run must be named together with what to delete.

@@ -1,7 +1,8 @@
 """Several processes (torchrun, gloo on CPU) against one: the same training step, the same run.
 
-The official CREAM code's DPO never synchronised its gradients across GPUs (anchors, defect 1):
-the unsynced variant below reproduces that and must fail the comparison that FSDP2 passes.
+The official CREAM code's DPO never synchronised its gradients across GPUs (README, 'Defects of
+public implementations': CREAM #1): the unsynced variant below reproduces that and must fail the
+comparison that FSDP2 passes.
 """
 
 import json

@@ -1,4 +1,4 @@
-"""The papers' own tokenizers (issue 11): Mistral-7B-v0.3's SentencePiece vocabulary and
+"""The papers' own tokenizers (README, 'Tests'): Mistral-7B-v0.3's SentencePiece vocabulary and
 Llama-3's tiktoken vocabulary, both shipped in PyPI packages (mistral-common, llama-models), so no
 Hub download is needed.
 

@@ -651,8 +651,10 @@ def test_judge_sft_examples(tok):
 
 
 def test_judge_sft_examples_cut_long_responses_instead_of_dropping_them(tok):
-    """Issue 10: a judge pair too long for --max_length was dropped from SFT; it is cut as the judge's own
-    prompts are cut, so all 4 examples stay, each within max_length with its target."""
+    """A judge pair too long for --max_length was dropped from SFT; it is cut as the judge's own
+    prompts are cut, so all 4 examples stay, each within max_length with its target.
+    (README, 'Departures from the papers and the official code': responses inside judge
+    prompts are cut to fit --max_length.)"""
     chosen = " ".join(f"fox{k}" for k in range(400))  # ~1,200 tokens
     rows = [{"prompt": "Describe the fox.", "chosen": chosen, "rejected": "Short answer."}]
     for max_length in (330, 517):
@@ -666,8 +668,10 @@ def test_judge_sft_examples_cut_long_responses_instead_of_dropping_them(tok):
 
 
 def test_judge_inputs_give_the_long_response_what_the_short_one_leaves(tok):
-    """Issue 10: each response got half the room even when the other was short. Now the short one is kept
-    whole and the long one fills the rest, so the prompt reaches max_length (re-encoding may leave a token)."""
+    """Each response got half the room even when the other was short. Now the short one is kept
+    whole and the long one fills the rest, so the prompt reaches max_length (re-encoding may leave a
+    token). (README, 'Departures from the papers and the official code': responses inside judge
+    prompts are cut to fit --max_length.)"""
     x, y_short = "Describe the fox.", "Short answer."
     y_long = " ".join(f"fox{k}" for k in range(400))
     overhead = max(len(tok(prompts.chat_prompt(tok, text) + "[[", add_special_tokens=False).input_ids)

@@ -1,5 +1,5 @@
-"""scir.py against bad input and damaged resume state (issue 10), the documented commands, and Table 2's
-external-reward-model baseline.
+"""scir.py against bad input and damaged resume state (README, 'Quickstart'), the documented
+commands, and Table 2's external-reward-model baseline.
 
 Every bad input must end in one line naming the culprit and a non-zero exit, before any training; a damaged
 file of an earlier run must be named together with what to delete. Expected rewards of the external reward model

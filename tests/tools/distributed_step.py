@@ -4,7 +4,8 @@ it are written to --out (rank 0). tests/test_distributed.py compares the two.
     python tests/tools/distributed_step.py --script cream --loss dpo --out one.pt
     torchrun --nproc_per_node 2 tests/tools/distributed_step.py --script cream --loss dpo --out two.pt
     torchrun ... --unsynced   # each rank trains its own copy, no gradient exchange (CREAM's
-                              # official code, anchors defect 1): must NOT match one process
+                              # official code; README, 'Defects of public implementations':
+                              # CREAM #1): must NOT match one process
     ... --script scir --loss scir --work DIR   # Eq. 7 on scir.py's demo model and tokenizer
 """
 

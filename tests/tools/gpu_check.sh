@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The one-GPU check of issue 11, as a single call on a machine that downloads nothing:
+# The one-GPU check (README, 'Benchmark'), as a single call on a machine that downloads nothing:
 #   bash tests/tools/gpu_check.sh                # Mistral-7B-v0.3 shapes, random bf16 weights (< 10 min on an H100/H200)
 #   bash tests/tools/gpu_check.sh --config tiny  # the same script on a CPU (tests/test_benchmark.py runs it)
-# Wheels carried in .gl/wheels (transformers >= 5.23 and what it needs, made with `pip download`, see README) are
-# installed first, without dependencies, so an older transformers on the machine is replaced.
+# Wheels carried for the GPU machine (transformers >= 5.23 and what it needs, made with
+# `pip download`, see README, 'Benchmark') are installed first, without dependencies, so an older
+# transformers on the machine is replaced.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 if compgen -G ".gl/wheels/*.whl" > /dev/null; then
