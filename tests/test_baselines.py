@@ -477,14 +477,17 @@ def test_scir_srlm_baseline_follows_the_judge_scores(monkeypatch, tmp_path, tiny
     assert responses_per_pair == 2 and torch.equal(analysis, weights[1])  # M1 judges the pairs it was trained on
     pairs = assert_pairs_follow_patched_scores(out)
     m0, m1 = read_jsonl(out / "metrics.jsonl")
-    share = sum(p["p_start"] > 0.5 for p in pairs) / len(pairs)  # the judge prefers the chosen response (y1)
-    assert (m0["consistency_new"], m0["counted_new"]) == (pytest.approx(share), len(pairs))
+    # the judge prefers the chosen response (y1); P = 0.5 (say, chosen and rejected the same text) labels nothing
+    labelled = [p["p_start"] > 0.5 for p in pairs if p["p_start"] != 0.5]
+    assert (m0["consistency_new"], m0["counted_new"]) == (pytest.approx(sum(labelled) / len(labelled)),
+                                                          len(labelled))
     trained = []  # (P of M1, M1's judge label) where the two patched scores differ
     for pair in pairs:
         chosen, rejected = (len(text) % 5 for text in pair["judgements_end"])
         assert pair["scores_end"] == [chosen, rejected]
         if chosen != rejected:
-            trained.append((pair["p_end"] > 0.5) == (chosen > rejected))
+            if pair["p_end"] != 0.5:
+                trained.append((pair["p_end"] > 0.5) == (chosen > rejected))
     assert trained and (m1["consistency_trained"], m1["counted_trained"]) == (
         pytest.approx(sum(trained) / len(trained)), len(trained))
 

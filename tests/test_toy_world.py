@@ -6,8 +6,10 @@ log-probs, its best-vs-worst pairs, its DPO loss and its trainer with adamw_step
 labelled by the ground truth must raise greedy accuracy on held-out problems, and the same
 iteration with the labels swapped must lower it. A copy of the DPO loss with one sign flipped,
 made here, makes that check fail: a sign error anywhere between the pairs and the optimizer shows.
-CPU, fixed seeds: the same numbers every run (measured: 0.78 -> 1.00 with oracle labels and
-0.78 -> 0.44 with swapped ones for scir.py; about 40 s on 2 cores, pretraining included).
+CPU, fixed seeds: the same numbers every run (measured with torch 2.13: 0.79 -> 1.00 with oracle
+labels and 0.79 -> 0.55 with swapped ones, both scripts; about 40 s on 2 cores, pretraining
+included). The learning rate, 3e-5 for 2 epochs, is below where DPO overshoots on this world: at
+1e-4 the oracle labels first raise accuracy (0.91 after 1 epoch) and then lower it (0.76 after 2).
 """
 
 import copy
@@ -21,10 +23,10 @@ import cream
 import scir
 import toy_world
 
-FLAGS = ["--num_samples", "4", "--max_new_tokens", "16", "--max_length", "64", "--lr", "1e-4",
+FLAGS = ["--num_samples", "4", "--max_new_tokens", "16", "--max_length", "64", "--lr", "3e-5",
          "--epochs", "2", "--batch_size", "8", "--grad_accum", "1", "--score_batch_size", "64",
          "--dtype", "float32", "--seed", "0"]
-MARGIN = 0.10  # greedy accuracy must move at least this much either way; measured: 0.2 to 0.35
+MARGIN = 0.10  # greedy accuracy must move at least this much either way; measured: 0.21 to 0.24
 SCRIPTS = {"scir": (scir, ["--method", "irm"]), "cream": (cream, ["--method", "srlm"])}
 
 
