@@ -1,9 +1,11 @@
 """Judge prompts shared by cream.py and scir.py, and how they are put into a chat turn.
 
 The pairwise templates are SCIR Table 5, the pointwise one is SCIR Table 6 (arXiv 2502.08922,
-Appendix B), copied word for word; only the page layout (line breaks) is reconstructed.
+Appendix B), copied word for word; only the page layout (line breaks) is reconstructed. The
+scripts read the model's replies here too: the judge's score, and the answer to a test question.
 """
 
+import math
 import re
 
 # SCIR Table 5. Placeholders: {instruction}, {response_1}, {response_2}. The braces of the
@@ -217,3 +219,109 @@ def identifier_token_ids(tokenizer):
             f"tokenizer {tokenizer.name_or_path!r}: 'm' and 'M' map to the same token id {ids[0]}"
         )
     return ids[0], ids[1]
+
+
+# --- The Table 6 judge's reply: its score ---
+SCORE = re.compile(r"(?i:score)\**(?:\s*[:：=]|\s+of|\s+is)?[\s*\[<]*"
+                   r"(\d+(?:\.\d+)?(?:\s*\+\s*\d+(?:\.\d+)?)*(?:\s*=\s*\d+(?:\.\d+)?)?)"  # N, 1+1=2
+                   r"[\]>*]*(?:\s*(?:/|out of)\s*(\d+))?")  # an optional denominator
+
+
+def parse_score(judgement):
+    """The last 'Score: N' of a judgement, N in 0..5, else None. '**Score:** 4', 'score of 4',
+    'Score: 4/5' and 'Score: 3 + 1 = 4' count; 'Score: 5/10' is on another scale."""
+    scores = []
+    for tally, denominator in SCORE.findall(judgement):
+        if denominator and denominator != "5":
+            continue
+        total = (float(tally.split("=")[-1]) if "=" in tally
+                 else sum(float(term) for term in tally.split("+")))
+        if 0 <= total <= 5:
+            scores.append(total)
+    return scores[-1] if scores else None
+
+
+# --- Test questions (the scripts' --evaluate): how to state the answer, and reading it back ---
+# Only test questions get this line; the prompt pools keep their prompts as they are
+EVAL_SUFFIX = {
+    "choice": "\n\nEnd your reply with 'Answer: X', where X is the letter of the correct option.",
+    "number": "\n\nSolve it step by step and end your reply with 'Answer: N', where N is the final "
+              "number."}
+NUMBER = r"-?(?:\d[\d,]*(?:\.\d+)?|\.\d+)"  # '.5' too
+# 'Answer:', 'Answer =', 'Answer -', 'answer is', '**Answer:**'; not 'Answer A would be wrong'
+STATED = r"(?i:answer)\**(?:\s*[:=-]|\s+(?i:is)\b)[\s:*]*"
+BOXED = r"\$?\\boxed\{"
+# '7 + 3 = ' before the number: the answer is the number after the last '='
+EXPRESSION = r"(?:[-+*/×÷()\d,$](?:[-+*/×÷()\d,$ \t]|\.(?=\d))*=[ \t]*)*"
+
+
+def answer_kind(answer):
+    """A test question's answer: 'choice' (a letter A-E), 'number', or None (neither)."""
+    if re.fullmatch(r"[A-E]", answer):
+        return "choice"
+    return "number" if re.fullmatch(NUMBER, answer) else None
+
+
+def eval_prompt(row):
+    """A test question as the model sees it: the question, then how to state the answer."""
+    return row["prompt"] + EVAL_SUFFIX[answer_kind(row["answer"])]
+
+
+def extract_answer(reply, kind):
+    """The answer a reply gives: a letter A-E or a number without commas; None if it gives none.
+
+    Letters from a statement ('Answer: X', 'answer is (X)', '**Answer:** X', 'Answer: [X]',
+    'Answer: \\boxed{X}'), then '\\boxed{X}', then '(X)', then a reply that is only 'X' or 'X.'.
+    Only upper case: the English word 'a' is never an answer. A statement needs a separator after
+    'answer' (':', '=', '-', 'is'): 'Answer A would be wrong' is a mention. Numbers from '#### N',
+    then 'Answer: N' ('Answer = N', 'Answer: \\boxed{N}', 'Answer: 7 + 3 = N' gives N), then
+    '\\boxed{N}', then the last number.
+    """
+    if kind == "choice":
+        stated = re.findall(STATED + rf"(?:(?i:option)\s*)?[\[(]?\**(?:{BOXED})?([A-E])\b"
+                            r"(?![.]?[a-z])(?:[*\])}]*\s+(?:or|and)\s+[\[(]?\**([A-E])\b)?", reply)
+        if stated:  # 'Answer: B or C' hedges, and answers nothing
+            first, alternative = stated[-1]
+            return first if not alternative or alternative == first else None
+        patterns = [r"\\boxed\{([A-E])\}", r"\(([A-E])\)", r"^\s*\**([A-E])\**[.)]?\s*$"]
+    else:  # 'Answer - 18': a dash; 'Answer: -18': a sign
+        patterns = [rf"####\s*\$?({NUMBER})",
+                    rf"(?i:answer)(?:\s*(?i:is))?[\s:*=]*(?:-\s+)?\$?\**(?:{BOXED})?{EXPRESSION}"
+                    rf"\$?({NUMBER})",
+                    rf"\\boxed\{{\s*\$?({NUMBER})\s*\}}",
+                    rf"({NUMBER})"]
+    for pattern in patterns:
+        found = re.findall(pattern, reply)
+        if found:
+            return found[-1].replace(",", "") if kind == "number" else found[-1]
+    return None
+
+
+def is_correct(extracted, answer):
+    """An extracted answer against the gold one: letters exactly, numbers by value."""
+    if extracted is None:
+        return False
+    if answer_kind(answer) == "choice":
+        return extracted == answer
+    return math.isclose(float(extracted), float(answer.replace(",", "")), abs_tol=1e-6)
+
+
+# --- The demo (--demo): instructions with a right and a wrong answer, offline ---
+DEMO_DATA = [
+    ("Name a primary color.", "Red is a primary color.", "Cats like milk."),
+    ("What is 2 + 3?", "2 + 3 = 5.", "2 + 3 = 7."),
+    ("Give a synonym for happy.", "Glad is a synonym for happy.", "Sad."),
+    ("What do bees make?", "Bees make honey.", "Bees make cars."),
+    ("Translate 'hola' to English.", "'Hola' means hello.", "'Hola' means goodbye."),
+    ("What is the capital of France?", "The capital of France is Paris.", "Berlin."),
+    ("How many legs does a spider have?", "A spider has eight legs.", "Two."),
+    ("What is the opposite of cold?", "The opposite of cold is hot.", "Cold."),
+    ("Which planet is called the red planet?", "Mars is called the red planet.", "The Moon."),
+    ("What gas do plants take in?", "Plants take in carbon dioxide.", "Plants take in gold."),
+    ("What is 10 minus 4?", "10 minus 4 is 6.", "10 minus 4 is 9."),
+    ("Name a mammal that can fly.", "The bat is a mammal that can fly.", "The fish."),
+    ("What freezes at zero degrees Celsius?", "Water freezes at zero degrees Celsius.", "Fire."),
+    ("How many days are in a week?", "A week has seven days.", "A week has ten days."),
+    ("What color is the sky on a clear day?", "The sky is blue on a clear day.", "Green."),
+    ("Who wrote Hamlet?", "William Shakespeare wrote Hamlet.", "Nobody."),
+]
