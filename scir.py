@@ -11,8 +11,13 @@ SFT gives M0 (section 4.1, Appendix C.1). Each iteration, M_t samples 4 response
 prompt and two of them form an unlabeled pair. Training M_t -> M_{t+1} computes at every step the
 implicit reward's P (Eq. 4) and the judge's Q (Eq. 5, section 3.3), the consistency loss between
 them (Eq. 6), and DPO on the pairs both agree on (Eq. 7) with the adaptive reference (App. A).
+
+The file reads top-down in three parts: the paper (Args, the equations, the loop of section 4.1
+and its steps), beyond the paper (Table 1's analyses, Table 2's baselines and evaluation,
+Figure 3, the final table), and plumbing (files, data, models, the optimizer, torchrun, flags).
 """
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -37,86 +42,93 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequence
                           AutoTokenizer, GenerationConfig, HfArgumentParser)
 from transformers.generation.configuration_utils import ContinuousBatchingConfig
 from transformers.hf_argparser import HfArg
+from transformers.utils import logging as hf_logging
 
-from prompts import (ANSWER_PREFIX, JUDGE_IDS, chat_prompt, fill_pointwise, identifier_token_ids,
-                     judge_prompts, reply_format, token_ids)
+from prompts import (ANSWER_PREFIX, DEMO_DATA, JUDGE_IDS, answer_kind, chat_prompt, eval_prompt,
+                     extract_answer, fill_pointwise, identifier_token_ids, is_correct,
+                     judge_prompts, parse_score, reply_format, token_ids)
+
+
+# ======== The paper: Args, Eq. 3-7, the loop of section 4.1 and its steps ========
+def flag(default, valid, help):
+    """A field of Args: its default, its valid values and what it does. valid ('[1,inf)',
+    '(0,1]', '{a,b,c}' or None) is argparse's metavar, so --help shows it, and check_args
+    checks it."""
+    return HfArg(default=default, help=help, metadata={"metavar": valid} if valid else None)
 
 
 @dataclass
 class Args:
     # the paper's hyperparameters (section 4.1 unless noted)
-    iterations: int = HfArg(default=3, help="iterations M0 -> M1 -> M2 -> M3")
-    num_prompts: int = HfArg(default=4000, help="fresh Alpaca prompts per iteration")
-    num_samples: int = HfArg(default=4, help="responses per prompt; two at random form the pair")
-    temperature: float = HfArg(default=0.7, help="sampling temperature")
-    top_p: float = HfArg(default=0.9, help="nucleus sampling")
-    sft_epochs: int = HfArg(default=5, help="SFT epochs (1 with --judge_sft_only)")
-    sft_lr: float = HfArg(default=1e-6, help="SFT learning rate (1e-7 with --judge_sft_only)")
-    epochs: int = HfArg(default=2, help="training epochs per iteration")
-    lr: float = HfArg(default=5e-7, help="learning rate of each iteration's training")
-    beta: float = HfArg(default=0.1, help="beta of DPO (Eq. 3) and of the implicit reward (Eq. 4)")
-    alpha: float = HfArg(default=1.0, help="weight of the consistency loss in Eq. 7")
-    tau: float = HfArg(default=0.7, help="confidence threshold of Eq. 6")
-    length_reg: float = HfArg(default=0.02, help="alpha_l of o' = o - alpha_l |y|, |y| in tokens")
-    length_reg_from: int = HfArg(default=3, help=(
+    iterations: int = flag(3, "[1,inf)", "iterations M0 -> M1 -> M2 -> M3")
+    num_prompts: int = flag(4000, "[1,inf)", "fresh Alpaca prompts per iteration")
+    num_samples: int = flag(4, "[2,inf)", "responses per prompt; two at random form the pair")
+    temperature: float = flag(0.7, "(0,inf)", "sampling temperature")
+    top_p: float = flag(0.9, "(0,1]", "nucleus sampling")
+    sft_epochs: int = flag(5, "[0,inf)", "SFT epochs (1 with --judge_sft_only)")
+    sft_lr: float = flag(1e-6, "[0,1]", "SFT learning rate (1e-7 with --judge_sft_only)")
+    epochs: int = flag(2, "[1,inf)", "training epochs per iteration")
+    lr: float = flag(5e-7, "[0,1]", "learning rate of each iteration's training")
+    beta: float = flag(0.1, "(0,inf)", "beta of DPO (Eq. 3) and of the implicit reward (Eq. 4)")
+    alpha: float = flag(1.0, "[0,inf)", "weight of the consistency loss in Eq. 7")
+    tau: float = flag(0.7, "[0.5,1)", "confidence threshold of Eq. 6")
+    length_reg: float = flag(0.02, "[0,inf)", "alpha_l of o' = o - alpha_l |y|, |y| in tokens")
+    length_reg_from: int = flag(3, "[1,inf)", (
         "first iteration (1 = M0 -> M1) with alpha_l: 3 for Mistral-7B, 2 for the -Instruct model"))
-    warmup_ratio: float = HfArg(default=0.1, help=(
+    warmup_ratio: float = flag(0.1, "[0,1)", (
         "linear warmup share, then cosine decay (cosine: 4.1; the warmup is not given)"))
     # models, data and lengths (Appendix C.1)
-    model: str = HfArg(default="mistralai/Mistral-7B-v0.3", help=(
+    model: str = flag("mistralai/Mistral-7B-v0.3", None, (
         "the base model: SFT starts here, and it is the global reference of Eq. 4"))
-    global_reference: str = HfArg(default=None, help=(
+    global_reference: str = flag(None, None, (
         "pi_ref^g of Eq. 4 and App. A; default --model (the -Instruct run names Mistral-7B)"))
-    data_dir: str = HfArg(default=None, help=(
+    data_dir: str = flag(None, None, (
         "read sft.jsonl, judge.jsonl and prompts.jsonl here instead of the Hub (README)"))
-    output_dir: str = HfArg(default=None, help=(
+    output_dir: str = flag(None, None, (
         "default runs/scir-<model name>; rerunning the same command resumes"))
-    sft_examples: int = HfArg(default=5000, help="Alpaca examples in SFT, besides LIMA's 1,030")
-    judge_pairs: int = HfArg(default=500, help=(
+    sft_examples: int = flag(5000, "[0,inf)", "Alpaca examples in SFT, besides LIMA's 1,030")
+    judge_pairs: int = flag(500, "[1,inf)", (
         "oasst2 pairs, each giving 4 judge examples: 2 templates x 2 orders"))
-    prompt_offset: int = HfArg(default=0, help=(
+    prompt_offset: int = flag(0, "[0,inf)", (
         "skip this many shuffled prompts: 8000 gives a run from M2 iteration 3's (Table 4)"))
-    max_new_tokens: int = HfArg(default=1024, help=(
+    max_new_tokens: int = flag(1024, "[1,inf)", (
         "longest sampled response (not in the paper; M3's AlpacaEval answers: ~1,900 chars)"))
-    max_length: int = HfArg(default=2048, help=(
+    max_length: int = flag(2048, "[2,inf)", (
         "longest prompt + response, and judge prompt (its responses are cut to fit)"))
     # method and ablations (Tables 2-4)
-    method: str = HfArg(default="scir", help=(
+    method: str = flag("scir", "{scir,srlm,irm,external}", (
         "'scir', or a Table 2 baseline that ranks the samples once, then DPO on best vs worst "
         "against M_t: 'srlm' (Table 6 judge), 'irm' (implicit reward), 'external' "
         "(--reward_model)"))
-    reward_model: str = HfArg(default="Skywork/Skywork-Reward-Llama-3.1-8B", help=(
+    reward_model: str = flag("Skywork/Skywork-Reward-Llama-3.1-8B", None, (
         "--method external: a sequence-classification reward model with a chat template (README)"))
-    judge_sft_only: bool = HfArg(default=False, help=(
+    judge_sft_only: bool = flag(False, None, (
         "SFT on the judge examples only, lr 1e-7, 1 epoch: for an instruction-tuned model"))
-    no_consistency_loss: bool = HfArg(default=False, help="Table 4: drop Eq. 6 from Eq. 7")
-    no_dcpo: bool = HfArg(default=False, help="Table 4: drop Eq. 7's DPO term, keep Eq. 6")
-    single_judge_prompt: bool = HfArg(default=False, help="Table 4: Q from template 1, one order")
-    no_adaptive_reference: bool = HfArg(default=False, help=(
+    no_consistency_loss: bool = flag(False, None, "Table 4: drop Eq. 6 from Eq. 7")
+    no_dcpo: bool = flag(False, None, "Table 4: drop Eq. 7's DPO term, keep Eq. 6")
+    single_judge_prompt: bool = flag(False, None, "Table 4: Q from template 1, one order")
+    no_adaptive_reference: bool = flag(False, None, (
         "Table 4: DPO against the local reference M_t only, not the larger ratio of App. A"))
     # analyses
-    eval_reward_bench: bool = HfArg(default=False, help=(
+    eval_reward_bench: bool = flag(False, None, (
         "Figure 3: IRM, GRM and their agreeing subset of each M_k on RewardBench"))
-    evaluate: bool = HfArg(default=False, help=(
+    evaluate: bool = flag(False, None, (
         "Table 2's GSM8K and MMLU: greedy zero-shot exact match of each M_k (offline: eval.jsonl)"))
-    eval_limit: int = HfArg(default=0, help="score the first N questions of each task (0: all)")
+    eval_limit: int = flag(0, "[0,inf)", "score the first N questions of each task (0: all)")
     # hardware and batching (not in the paper)
-    batch_size: int = HfArg(default=1, help=(
+    batch_size: int = flag(1, "[1,inf)", (
         "pairs (SFT sequences) per forward pass: 1 keeps Llama-3-8B under 65 GiB (README)"))
-    grad_accum: int = HfArg(default=32, help="micro-batches per step: 32 pairs, CREAM's batch")
-    max_grad_norm: float = HfArg(default=1.0, help="gradient clipping (a common default)")
-    score_batch_size: int = HfArg(default=16, help="sequences per forward pass without gradients")
-    seed: int = HfArg(default=42, help="same seed, same run")
-    dtype: str = HfArg(default="auto", help=(
+    grad_accum: int = flag(32, "[1,inf)", (
+        "micro-batches per step: 32 pairs, CREAM's batch; torchrun: a multiple of the processes"))
+    max_grad_norm: float = flag(1.0, "(0,inf)", "gradient clipping (a common default)")
+    score_batch_size: int = flag(16, "[2,inf)", "sequences per forward pass without gradients")
+    seed: int = flag(42, "[0,inf)", "same seed, same run")
+    dtype: str = flag("auto", "{auto,bfloat16,float32}", (
         "'auto': bfloat16 (stochastic-rounding AdamW) on a GPU, float32 on CPU; or either name"))
-    demo: bool = HfArg(default=False, help=(
+    demo: bool = flag(False, None, (
         "offline smoke run: tiny random model, built-in data, small settings (flags still win)"))
 
 
-# --demo's settings where the command line gives none: a 2-core CPU finishes in about a minute
-DEMO = dict(iterations=3, num_prompts=8, num_samples=4, sft_examples=16, judge_pairs=8,
-            max_new_tokens=24, max_length=640, sft_epochs=3, sft_lr=3e-3, lr=3e-4, epochs=1,
-            length_reg_from=3, batch_size=2, grad_accum=2, score_batch_size=16, dtype="float32")
 # --judge_sft_only changes these defaults the same way (section 4.1)
 JUDGE_SFT_ONLY = dict(sft_epochs=1, sft_lr=1e-7, length_reg_from=2)
 
@@ -185,46 +197,247 @@ def agree(p, q):
     return ((p > 0.5) & (q > 0.5)) | ((p < 0.5) & (q < 0.5))
 
 
+def chosen_and_rejected(values_1, values_2, y1_chosen):
+    """Each pair's values ordered (chosen, rejected): [B] x2, bool [B] -> [B] x2."""
+    return torch.where(y1_chosen, values_1, values_2), torch.where(y1_chosen, values_2, values_1)
+
+
 def scir_loss(policy_logps_1, policy_logps_2, p_irm, p_grm, local_ref_logps_1, local_ref_logps_2,
-              global_ref_logps_1, global_ref_logps_2, beta, alpha, tau):
+              global_ref_logps_1, global_ref_logps_2, beta, alpha, tau, adaptive_reference=True):
     """Eq. 7 per pair: 1[IRM and GRM agree] L_DPO + alpha L_consistency. [B] x8 -> dict of [B].
 
-    p_irm is Eq. 4's P of these policy log-probs; the response it prefers is chosen. Eq. 3 sees the
-    reference only through its log-ratio, the adaptive one of Appendix A.
+    p_irm is Eq. 4's P(y1 > y2) of these policy log-probs; the response it prefers is chosen.
+    DPO's reference is Appendix A's adaptive one, or M_t alone without adaptive_reference
+    (Table 4).
     """
-    y1_wins = p_irm.detach() > 0.5
-
-    def chosen_rejected(logps_1, logps_2):
-        return torch.where(y1_wins, logps_1, logps_2), torch.where(y1_wins, logps_2, logps_1)
-    local = chosen_rejected(local_ref_logps_1, local_ref_logps_2)
-    ref_logratio = adaptive_reference_logratio(*local, *chosen_rejected(global_ref_logps_1,
-                                                                        global_ref_logps_2))
-    dpo = dpo_loss(*chosen_rejected(policy_logps_1, policy_logps_2), ref_logratio,
-                   torch.zeros_like(ref_logratio), beta)
+    y1_chosen = p_irm.detach() > 0.5
+    policy_chosen, policy_rejected = chosen_and_rejected(policy_logps_1, policy_logps_2, y1_chosen)
+    local_chosen, local_rejected = chosen_and_rejected(local_ref_logps_1, local_ref_logps_2,
+                                                       y1_chosen)
+    ref_logratio = local_chosen - local_rejected
+    if adaptive_reference:
+        global_chosen, global_rejected = chosen_and_rejected(global_ref_logps_1,
+                                                             global_ref_logps_2, y1_chosen)
+        ref_logratio = adaptive_reference_logratio(local_chosen, local_rejected, global_chosen,
+                                                   global_rejected)
+    # Eq. 3, which sees the reference only through its log-ratio log pi_ref(y_w)/pi_ref(y_l)
+    dpo = -F.logsigmoid(beta * ((policy_chosen - ref_logratio) - policy_rejected))
     consistency = consistency_loss(p_irm, p_grm, tau)
     agreed = agree(p_irm.detach(), p_grm.detach()).float()
     return {"loss": agreed * dpo + alpha * consistency, "dpo_loss": dpo,
             "consistency_loss": consistency, "agree": agreed}
 
 
-# --- Table 1, Figure 2, section 4.3: how often the IRM and the GRM of a model agree ---
-def judge_label(q_prompts):
-    """The GRM's label, True if y1 wins, where all its judge prompts agree (4.3); else None."""
-    if all(q > 0.5 for q in q_prompts):
-        return True
-    return False if all(q < 0.5 for q in q_prompts) else None
+# --- Section 4.1: base -SFT-> M0 -SCIR-> M1 -SCIR-> M2 -SCIR-> M3 ---
+def main(argv=None):
+    """Section 4.1's loop in --output_dir, then the analyses and the final table; each finished
+    step is a file, so rerunning the same command resumes."""
+    start_processes()
+    args = parse_args(argv)
+    out = Path(args.output_dir)
+    with locked(out):
+        tokenizer, identifier_ids, sft_rows, judge_rows, pools, bench, tests = prepare(args, out)
+        if not model_ready(out / "M0"):
+            run_sft(args, tokenizer, sft_rows, judge_rows, out)
+        rows = [metrics_row(0, {})]  # one row per model M_k, as in the paper's tables
+        for t, (pool, too_long) in enumerate(pools):  # iteration t + 1 trains M_t into M_{t+1}
+            it = out / f"iter{t + 1}"
+            it.mkdir(exist_ok=True)
+            samples = cached(it / "samples.jsonl", pool, ("id", "prompt"),
+                             partial(run_sampling, args, tokenizer, pool, t, out))
+            if not model_ready(out / f"M{t + 1}"):
+                if args.method == "scir":
+                    scir_iteration(args, tokenizer, samples, t, out, identifier_ids)
+                else:  # Table 2's baselines, beyond the paper's method
+                    baseline_iteration(args, tokenizer, samples, t, out)
+            summary = json.loads((out / f"M{t + 1}" / "training_summary.json").read_text())
+            rows[t].update(sample_metrics(samples, too_long, summary))
+            rows.append(metrics_row(t + 1, summary))
+            write_jsonl(out / "metrics.jsonl", rows)
+        if args.eval_reward_bench:
+            for k, scores in evaluate_reward_bench(args, tokenizer, bench, out,
+                                                   identifier_ids).items():
+                rows[k]["reward_bench"] = scores
+        if args.evaluate:
+            for k, accuracy in evaluate_models(args, tokenizer, tests, out).items():
+                rows[k]["evaluation"] = accuracy
+        write_jsonl(out / "metrics.jsonl", rows)
+        table = final_table(args, rows)
+        write_text(out / "table.md", table)
+        say(f"\n{table}\nmodels, samples, pairs, metrics.jsonl and table.md are in {out}")
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
-def pointwise_label(scores):
-    """The Table 6 judge's label of (y1, y2), True if y1 scores higher; a tie or no score: None."""
-    return None if None in scores or scores[0] == scores[1] else scores[0] > scores[1]
+# --- Section 4.1, Appendix C.1: SFT on instructions and pairwise judge examples gives M0 ---
+def run_sft(args, tokenizer, sft_rows, judge_rows, out):
+    """M0: the base model after SFT, or as given with --sft_epochs 0."""
+    if args.global_reference not in (None, args.model):  # a damaged one stops the run before SFT
+        load_model(args.global_reference, args)
+    if args.sft_epochs == 0:
+        save_model(load_model(args.model, args), tokenizer, out / "M0", {"sft": "skipped"})
+        return
+    instruction = []
+    for row in sft_rows:
+        prompt_ids, response_ids = encode(tokenizer, row["prompt"], row["response"])
+        if len(prompt_ids) < args.max_length - 1:  # keep the prompt whole, cut the response
+            instruction.append((prompt_ids, response_ids[: args.max_length - len(prompt_ids)]))
+    judge = [] if args.method != "scir" else judge_sft_examples(
+        tokenizer, judge_rows, args.judge_pairs, args.seed, args.max_length)
+    # only an instruction longer than max_length on its own leaves a judge example out
+    judge_fit = [(ids, target) for ids, target in judge
+                 if len(ids) + len(target) <= args.max_length]
+    examples = instruction + judge_fit
+    if not examples:
+        fail(f"every SFT prompt is longer than --max_length {args.max_length}")
+    batches = [collate(b, tokenizer.pad_token_id) for epoch in range(args.sft_epochs)
+               for b in micro_batches(examples, args.batch_size, args.seed + epoch)]
+    model, summary = load_and_train(args, args.model, batches, sft_loss, "sft_lr", args.seed,
+                                    "SFT -> M0")
+    summary.update(examples=len(examples),
+                   skipped_too_long=len(sft_rows) - len(instruction) + len(judge) - len(judge_fit))
+    save_model(model, tokenizer, out / "M0", summary)
 
 
-def internal_consistency(p_irm, grm_labels):
-    """Share of the pairs both label on which IRM and GRM agree: [P], [label] -> (rate, count)."""
-    counted = [(p, label) for p, label in zip(p_irm, grm_labels) if label is not None and p != 0.5]
-    rate = sum(agree(p, float(label)) for p, label in counted) / len(counted) if counted else None
-    return rate, len(counted)
+def judge_sft_examples(tokenizer, judge_rows, count, seed, max_length):
+    """Each preference pair gives 4 examples (2 templates x 2 orders) whose target names the better
+    response -> [(prompt_ids, target_ids)].
+
+    The prompt ends in '[[' and the target is 'm]]' or 'M]]' (+ end of turn): the tokens at the
+    judge's answer position. Responses are cut as the judge's own prompts cut them (judge_inputs).
+    """
+    targets = {name: encode(tokenizer, "", f"{name}]]", ANSWER_PREFIX)[1] for name in JUDGE_IDS}
+    room = max_length - max(map(len, targets.values()))
+    examples = []
+    for row in random.Random(seed).sample(judge_rows, min(count, len(judge_rows))):
+        for ids, chosen_first in judge_inputs(tokenizer, row["prompt"], row["chosen"],
+                                              row["rejected"], room):
+            examples.append((ids, targets["m" if chosen_first else "M"]))
+    return examples
+
+
+# --- Section 4.1: M_t samples 4 responses per prompt; two at random form the unlabeled pair ---
+def run_sampling(args, tokenizer, pool, t, out):
+    """Rows {id, prompt, samples, response_1, response_2}: M_t's samples and the pair (y1, y2)."""
+    model = load_model(out / f"M{t}", args, seed=args.seed + 1000 * t)
+    grouped = data_parallel(partial(sample_responses, model, tokenizer, args=args),
+                            [row["prompt"] for row in pool])
+    del model
+    rng = random.Random(args.seed + t)
+    rows = []
+    for row, samples in zip(pool, grouped):
+        first, second = rng.sample(range(len(samples)), 2)
+        rows.append({"id": row["id"], "prompt": row["prompt"], "samples": samples,
+                     "response_1": samples[first], "response_2": samples[second]})
+    return rows
+
+
+# --- One SCIR iteration (section 4.1): precompute the references, train with Eq. 7, measure ---
+def scir_iteration(args, tokenizer, samples, t, out, identifier_ids):
+    """M_t -> M_{t+1}: precompute the references, train on Eq. 7, measure P and Q again, save."""
+    alpha_l = judge_length_reg(args, t)
+    pairs, start, global_ref = reference_scores(args, tokenizer, samples, t, out, identifier_ids,
+                                                alpha_l)
+    model, summary = load_and_train(args, out / f"M{t}", epoch_batches(pairs, args, t),
+                                    scir_batch_loss(args, tokenizer, identifier_ids, alpha_l), "lr",
+                                    args.seed + 1000 * t + 1, f"SCIR M{t} -> M{t + 1}")
+    end = score_pairs(model, tokenizer, pairs, args, identifier_ids, alpha_l,
+                      f"IRM and GRM of M{t + 1}")
+    next_alpha_l = judge_length_reg(args, t + 1)  # M_{t+1} judges D_t as it will judge
+    trained = end if next_alpha_l == alpha_l else score_pairs(
+        model, tokenizer, pairs, args, identifier_ids, next_alpha_l, f"GRM of M{t + 1}, alpha_l on")
+    p_end = irm_preferences(end, global_ref, args.beta)
+    summary.update(pairs=len(pairs),
+                   consistency_rate=sum(agree(p, e["q"]) for p, e in zip(p_end, end)) / len(pairs),
+                   **consistency_figures(start, trained, global_ref, args.beta))
+    write_jsonl(out / f"iter{t + 1}" / "pairs.jsonl",
+                scir_pair_rows(pairs, start, end, global_ref, args.beta))
+    save_model(model, tokenizer, out / f"M{t + 1}", summary)
+
+
+def judge_length_reg(args, t):
+    """alpha_l of M_t's judge: on from iteration --length_reg_from, where M_{from-1} judges."""
+    return args.length_reg if t + 1 >= args.length_reg_from else 0.0
+
+
+def reference_scores(args, tokenizer, samples, t, out, identifier_ids, alpha_l):
+    """The pairs with their references: pi_ref^g (Eq. 4) and pi_ref^l = M_t (App. A), whose Q is
+    kept for the analysis -> (pairs, M_t's scores, pi_ref^g's log-probs); cached."""
+    it = out / f"iter{t + 1}"
+    pairs = [dict(row, sequences=pair_sequences(tokenizer, row, args.max_length))
+             for row in samples]
+    global_ref = global_reference_logps(args, tokenizer, pairs, it / "logps_global.jsonl")
+
+    def score_start():
+        return score_pairs(load_model(out / f"M{t}", args), tokenizer, pairs, args,
+                           identifier_ids, alpha_l, f"IRM and GRM of M{t}")
+    start = cached(it / "start.jsonl", pairs, (), score_start)
+    for pair, g, s in zip(pairs, global_ref, start):
+        pair.update(global_logp_1=g["logp_1"], global_logp_2=g["logp_2"], local_logp_1=s["logp_1"],
+                    local_logp_2=s["logp_2"])
+    return pairs, start, global_ref
+
+
+def global_reference_logps(args, tokenizer, pairs, path):
+    """log pi_ref^g(y1|x) and log pi_ref^g(y2|x) of every pair, cached in path."""
+    logps = cached_logps(path, args.global_reference or args.model,
+                         [s for pair in pairs for s in pair["sequences"]], tokenizer, args)
+    return [{"logp_1": a, "logp_2": b} for a, b in zip(logps[::2], logps[1::2])]
+
+
+def scir_batch_loss(args, tokenizer, identifier_ids, alpha_l):
+    """train's loss_fn: Eq. 7 on a micro-batch of pairs with precomputed reference log-probs ->
+    (metrics, detached). Eq. 7 is taken on detached copies of the policy pass's and the judge
+    pass's outputs, and train's backward then runs one backward per pass (detached: [(outputs,
+    copies)]): one backward through both would hold the judge pass's weight gradients (13.5 GiB
+    at 7B) until the policy pass's backward reached each layer (README: memory)."""
+    alpha = 0.0 if args.no_consistency_loss else args.alpha
+
+    def loss_fn(model, batch):
+        sequences = [s for pair in batch for s in pair["sequences"]]  # y1, y2, y1, y2, ...
+        policy = response_logps(model, sequences, tokenizer.pad_token_id).view(-1, 2)
+        with torch.set_grad_enabled(not args.no_consistency_loss):  # else Q only masks DPO
+            p_grm = generative_preference(model, tokenizer, identifier_ids=identifier_ids,
+                                          alpha_l=alpha_l, **judge_fields(args, batch)).mean(-1)
+        policy_copy, p_grm_copy = (x.detach().requires_grad_() for x in (policy, p_grm))
+
+        def ref(key):
+            return torch.tensor([pair[key] for pair in batch], device=model.device)
+        policy_1, policy_2 = policy_copy.unbind(1)
+        p_irm = implicit_preference(policy_1, policy_2, ref("global_logp_1"),
+                                    ref("global_logp_2"), args.beta)
+        terms = scir_loss(policy_1, policy_2, p_irm, p_grm_copy, ref("local_logp_1"),
+                          ref("local_logp_2"), ref("global_logp_1"), ref("global_logp_2"),
+                          args.beta, alpha, args.tau,
+                          adaptive_reference=not args.no_adaptive_reference)
+        loss = alpha * terms["consistency_loss"] if args.no_dcpo else terms["loss"]
+        agreed = terms["agree"]
+        metrics = {"loss": loss.mean(),
+                   "consistency_loss": terms["consistency_loss"].mean().detach(),
+                   "dpo_loss": (agreed * terms["dpo_loss"]).mean().detach(),  # 0: disagreement
+                   "dcpo_fraction": agreed.mean()}
+        return metrics, [((policy,), (policy_copy,)), ((p_grm,), (p_grm_copy,))]
+    return loss_fn
+
+
+@torch.no_grad()
+def score_pairs(model, tokenizer, pairs, args, identifier_ids, alpha_l, desc):
+    """log pi(y1|x), log pi(y2|x) and the judge's Q (mean, and per prompt) of every pair -> rows;
+    under torchrun each rank scores its share."""
+    model.eval()
+
+    def score(share):
+        rows, size = [], args.score_batch_size // 2
+        for start in tqdm(range(0, len(share), size), desc=desc):
+            batch = share[start: start + size]
+            sequences = [s for pair in batch for s in pair["sequences"]]
+            logps = response_logps(model, sequences, tokenizer.pad_token_id).view(-1, 2)
+            q = generative_preference(model, tokenizer, identifier_ids=identifier_ids,
+                                      alpha_l=alpha_l, **judge_fields(args, batch))
+            rows += [{"logp_1": a, "logp_2": b, "q": mean, "q_prompts": q_prompts} for (a, b), mean,
+                     q_prompts in zip(logps.tolist(), q.mean(-1).tolist(), q.tolist())]
+        return rows
+    return data_parallel(score, pairs)
 
 
 # --- The model's side: chat-formatted token ids, response log-probs through a float32 head ---
@@ -262,69 +475,14 @@ def collate(sequences, pad_id):
     return input_ids, attention_mask, labels
 
 
-VOCAB_SLICE = 8192  # LM-head rows per float32 slice: [N, 8192] float32 blocks, never [N, V]
-
-
-class TokenLogps(torch.autograd.Function):
-    """log pi(target) = logit[target] - logsumexp(logits), logits = hidden @ weight^T (+ bias) in
-    float32, VOCAB_SLICE head rows at a time: no [N, V] tensor, no float32 copy of the head (at
-    Llama-3's 128K vocabulary that keeps a training step under 65 GiB: README). The backward pass
-    recomputes each slice; d logp / d logits = onehot(target) - softmax.
-    hidden [N, H], weight [V, H], bias [V] or None, targets [N] -> [N] float32.
-    """
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, targets):
-        h = hidden.float()
-        lse = torch.full((h.shape[0],), -math.inf, device=h.device)
-        target_logits = torch.zeros_like(lse)
-        for start in range(0, weight.shape[0], VOCAB_SLICE):
-            rows = slice(start, start + VOCAB_SLICE)
-            logits = h @ weight[rows].float().T  # [N, VOCAB_SLICE]
-            if bias is not None:
-                logits += bias[rows].float()
-            lse = torch.logaddexp(lse, logits.logsumexp(-1))
-            inside = (targets >= start) & (targets < start + logits.shape[1])
-            column = (targets - start).clamp(0, logits.shape[1] - 1)[:, None]
-            target_logits += logits.gather(1, column).squeeze(1) * inside
-        ctx.save_for_backward(hidden, weight, bias, targets, lse)
-        return target_logits - lse
-
-    @staticmethod
-    def backward(ctx, grad):  # grad [N]
-        hidden, weight, bias, targets, lse = ctx.saved_tensors
-        h = hidden.float()
-        grad_hidden, grad_weight = torch.zeros_like(h), torch.empty_like(weight)
-        grad_bias = None if bias is None else torch.empty_like(bias)
-        for start in range(0, weight.shape[0], VOCAB_SLICE):
-            rows = slice(start, start + VOCAB_SLICE)
-            w = weight[rows].float()
-            logits = h @ w.T
-            if bias is not None:
-                logits += bias[rows].float()
-            grad_logits = (logits - lse[:, None]).exp_().mul_(-grad[:, None])  # -softmax * grad
-            inside = (targets >= start) & (targets < start + w.shape[0])
-            column = (targets - start).clamp(0, w.shape[0] - 1)[:, None]
-            grad_logits.scatter_add_(1, column, (grad * inside)[:, None])  # + onehot * grad
-            grad_hidden.addmm_(grad_logits, w)
-            grad_weight[rows] = grad_logits.T @ h
-            if bias is not None:
-                grad_bias[rows] = grad_logits.sum(0)
-        return grad_hidden.to(hidden.dtype), grad_weight, grad_bias, None
-
-
-def token_logps(hidden, targets, head):
-    """log pi(target) through a float32 LM head: hidden [N, H], targets [N] -> [N] float32."""
-    return TokenLogps.apply(hidden, head.weight, head.bias, targets)
-
-
 def sequence_logps(model, input_ids, attention_mask, response_mask):
     """Summed log pi(y|x) over response tokens: [B, L] x3 -> [B] float32.
 
-    The LM head runs only where a response token is predicted, in float32 (a bfloat16 head rounds a
-    logit near 20 by up to 0.06: README), a vocabulary slice at a time (TokenLogps). Any
-    transformers causal LM works (get_decoder, get_output_embeddings); one that scales or caps its
-    logits after the head (Gemma 2, Cohere) needs that step added to token_logps.
+    token_logps is log_softmax(hidden @ head.weight.T).gather(targets) in float32 (a bfloat16 head
+    rounds a logit near 20 by up to 0.06: README), a vocabulary slice at a time (TokenLogps, in
+    the plumbing), and only where a response token is predicted. Any transformers causal LM works
+    (get_decoder, get_output_embeddings); one that scales or caps its logits after the head
+    (Gemma 2, Cohere) needs that step added to token_logps.
     """
     predicts_response = F.pad(response_mask[:, 1:].bool(), (0, 1), value=False)  # p predicts p+1
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # left or right padding
@@ -337,18 +495,10 @@ def sequence_logps(model, input_ids, attention_mask, response_mask):
 
 
 def decoder_states(model, **inputs):
-    """The decoder's last hidden states [B, L, H]. A model sharded by FSDP2 (several GPUs) gathers
-    its embedding and head only in its own forward, so that runs, with the head at one position."""
-    if not isinstance(model, FSDPModule):
-        return model.get_decoder()(**inputs, use_cache=False).last_hidden_state
-    states = []
-
-    def keep(module, args, output):
-        states.append(output.last_hidden_state)
-    hook = model.get_decoder().register_forward_hook(keep)
-    model(**inputs, use_cache=False, logits_to_keep=1)
-    hook.remove()
-    return states[0]
+    """The decoder's last hidden states [B, L, H], without the LM head."""
+    if isinstance(model, FSDPModule):  # several GPUs (torchrun)
+        return sharded_decoder_states(model, **inputs)
+    return model.get_decoder()(**inputs, use_cache=False).last_hidden_state
 
 
 def response_logps(model, sequences, pad_id):
@@ -372,11 +522,19 @@ def batched_logps(model, sequences, pad_id, batch_size, desc):
 
 
 def sft_loss(model, batch):
-    """Mean negative log-likelihood of the response tokens (collate's labels; -100 elsewhere)."""
+    """Mean negative log-likelihood of the response tokens (collate's labels; -100 elsewhere) ->
+    (metrics, no detached pass)."""
     input_ids, attention_mask, labels = (t.to(model.device) for t in batch)
     response_mask = labels != -100
     logps = sequence_logps(model, input_ids, attention_mask, response_mask)
-    return {"loss": -logps.sum() / response_mask.sum()}
+    return {"loss": -logps.sum() / response_mask.sum()}, []
+
+
+def pair_sequences(tokenizer, pair, max_length):
+    """(prompt_ids, sampled ids) of y1 and y2, cut to max_length alike for scoring and training."""
+    prompt_ids = encode(tokenizer, pair["prompt"])
+    return [(prompt_ids, pair[key]["token_ids"][: max_length - len(prompt_ids)])
+            for key in ("response_1", "response_2")]
 
 
 # --- The judge (Eq. 5, section 3.3): 2 templates x 2 orders, read at the identifier after '[[' ---
@@ -459,16 +617,20 @@ def generative_preference(model, tokenizer, instructions, responses_1, responses
     return torch.where(first_is_y1, p_first, 1 - p_first).view(-1, num_prompts)
 
 
-# --- Section 4.1: M_t samples 4 responses per prompt ---
-def cache_config(model, num_requests, longest):
-    """generate_batch sizes its paged KV cache from free GPU memory; on CPU (~15 GB) size it to the
-    work instead."""
-    if model.device.type != "cpu":
-        return None
-    return ContinuousBatchingConfig(num_blocks=num_requests * math.ceil(longest / 256),
-                                    max_batch_tokens=512)
+def judge_fields(args, pairs):
+    """generative_preference's inputs for rows of sampled pairs, |y| counted as sampled."""
+    def texts(key):
+        return [pair[key]["response"] for pair in pairs]
+
+    def lengths(key):
+        return [len(pair[key]["token_ids"]) for pair in pairs]
+    return dict(instructions=[pair["prompt"] for pair in pairs], responses_1=texts("response_1"),
+                responses_2=texts("response_2"), lengths_1=lengths("response_1"),
+                lengths_2=lengths("response_2"), max_length=args.max_length,
+                num_prompts=1 if args.single_judge_prompt else 4)
 
 
+# --- Section 4.1: M_t samples with continuous batching ---
 @torch.no_grad()
 def sample_responses(model, tokenizer, prompts, args, num_samples=None, greedy=False):
     """N samples (or one greedy reply) per prompt with continuous batching (generate_batch: paged
@@ -503,174 +665,25 @@ def sample_responses(model, tokenizer, prompts, args, num_samples=None, greedy=F
     return grouped
 
 
-# --- Section 4.1, Appendix C.1: SFT on instructions and pairwise judge examples gives M0 ---
-def judge_sft_examples(tokenizer, judge_rows, count, seed, max_length):
-    """Each preference pair gives 4 examples (2 templates x 2 orders) whose target names the better
-    response -> [(prompt_ids, target_ids)].
-
-    The prompt ends in '[[' and the target is 'm]]' or 'M]]' (+ end of turn): the tokens at the
-    judge's answer position. Responses are cut as the judge's own prompts cut them (judge_inputs).
-    """
-    targets = {name: encode(tokenizer, "", f"{name}]]", ANSWER_PREFIX)[1] for name in JUDGE_IDS}
-    room = max_length - max(map(len, targets.values()))
-    examples = []
-    for row in random.Random(seed).sample(judge_rows, min(count, len(judge_rows))):
-        for ids, chosen_first in judge_inputs(tokenizer, row["prompt"], row["chosen"],
-                                              row["rejected"], room):
-            examples.append((ids, targets["m" if chosen_first else "M"]))
-    return examples
+# ======== Beyond the paper: Table 1's analyses, Table 2's baselines, Figure 3, evaluation ========
+# --- Table 1, Figure 2, section 4.3: how often the IRM and the GRM of a model agree ---
+def judge_label(q_prompts):
+    """The GRM's label, True if y1 wins, where all its judge prompts agree (4.3); else None."""
+    if all(q > 0.5 for q in q_prompts):
+        return True
+    return False if all(q < 0.5 for q in q_prompts) else None
 
 
-def run_sft(args, tokenizer, sft_rows, judge_rows, out):
-    """M0: the base model after SFT, or as given with --sft_epochs 0."""
-    if args.global_reference not in (None, args.model):  # a damaged one stops the run before SFT
-        load_model(args.global_reference, args)
-    if args.sft_epochs == 0:
-        save_model(load_model(args.model, args), tokenizer, out / "M0", {"sft": "skipped"})
-        return
-    instruction = []
-    for row in sft_rows:
-        prompt_ids, response_ids = encode(tokenizer, row["prompt"], row["response"])
-        if len(prompt_ids) < args.max_length - 1:  # keep the prompt whole, cut the response
-            instruction.append((prompt_ids, response_ids[: args.max_length - len(prompt_ids)]))
-    judge = [] if args.method != "scir" else judge_sft_examples(
-        tokenizer, judge_rows, args.judge_pairs, args.seed, args.max_length)
-    # only an instruction longer than max_length on its own leaves a judge example out
-    judge_fit = [(ids, target) for ids, target in judge
-                 if len(ids) + len(target) <= args.max_length]
-    examples = instruction + judge_fit
-    if not examples:
-        fail(f"every SFT prompt is longer than --max_length {args.max_length}")
-    batches = [collate(b, tokenizer.pad_token_id) for epoch in range(args.sft_epochs)
-               for b in micro_batches(examples, args.batch_size, args.seed + epoch)]
-    model, summary = load_and_train(args, args.model, batches, sft_loss, "sft_lr", args.seed,
-                                    "SFT -> M0")
-    summary.update(examples=len(examples),
-                   skipped_too_long=len(sft_rows) - len(instruction) + len(judge) - len(judge_fit))
-    save_model(model, tokenizer, out / "M0", summary)
+def pointwise_label(scores):
+    """The Table 6 judge's label of (y1, y2), True if y1 scores higher; a tie or no score: None."""
+    return None if None in scores or scores[0] == scores[1] else scores[0] > scores[1]
 
 
-# --- Section 4.1: M_t samples 4 responses per prompt; two at random form the unlabeled pair ---
-def run_sampling(args, tokenizer, pool, t, out):
-    """Rows {id, prompt, samples, response_1, response_2}: M_t's samples and the pair (y1, y2)."""
-    model = load_model(out / f"M{t}", args)
-    torch.manual_seed(args.seed + 1000 * t)
-    grouped = data_parallel(partial(sample_responses, model, tokenizer, args=args),
-                            [row["prompt"] for row in pool])
-    del model
-    rng = random.Random(args.seed + t)
-    rows = []
-    for row, samples in zip(pool, grouped):
-        first, second = rng.sample(range(len(samples)), 2)
-        rows.append({"id": row["id"], "prompt": row["prompt"], "samples": samples,
-                     "response_1": samples[first], "response_2": samples[second]})
-    return rows
-
-
-def pair_sequences(tokenizer, pair, max_length):
-    """(prompt_ids, sampled ids) of y1 and y2, cut to max_length alike for scoring and training."""
-    prompt_ids = encode(tokenizer, pair["prompt"])
-    return [(prompt_ids, pair[key]["token_ids"][: max_length - len(prompt_ids)])
-            for key in ("response_1", "response_2")]
-
-
-def judge_fields(args, pairs):
-    """generative_preference's inputs for rows of sampled pairs, |y| counted as sampled."""
-    def texts(key):
-        return [pair[key]["response"] for pair in pairs]
-
-    def lengths(key):
-        return [len(pair[key]["token_ids"]) for pair in pairs]
-    return dict(instructions=[pair["prompt"] for pair in pairs], responses_1=texts("response_1"),
-                responses_2=texts("response_2"), lengths_1=lengths("response_1"),
-                lengths_2=lengths("response_2"), max_length=args.max_length,
-                num_prompts=1 if args.single_judge_prompt else 4)
-
-
-# --- One SCIR iteration (section 4.1): precompute the references, train with Eq. 7, measure ---
-def scir_batch_loss(args, tokenizer, identifier_ids, alpha_l):
-    """train's loss_fn: Eq. 7 on a micro-batch of pairs with precomputed reference log-probs."""
-    alpha = 0.0 if args.no_consistency_loss else args.alpha
-
-    def loss_fn(model, batch):
-        sequences = [s for pair in batch for s in pair["sequences"]]  # y1, y2, y1, y2, ...
-        policy = response_logps(model, sequences, tokenizer.pad_token_id).view(-1, 2)
-        with torch.set_grad_enabled(not args.no_consistency_loss):  # else Q only masks DPO
-            p_grm = generative_preference(model, tokenizer, identifier_ids=identifier_ids,
-                                          alpha_l=alpha_l, **judge_fields(args, batch)).mean(-1)
-        # Eq. 7 on detached copies, then one backward per forward pass (train's backward): one
-        # backward through both would hold the judge pass's weight gradients (13.5 GiB at 7B)
-        # until the policy pass's backward reached each layer (README: memory)
-        policy_copy, p_grm_copy = (x.detach().requires_grad_() for x in (policy, p_grm))
-
-        def ref(key):
-            return torch.tensor([pair[key] for pair in batch], device=model.device)
-        policy_1, policy_2 = policy_copy.unbind(1)
-        p_irm = implicit_preference(policy_1, policy_2, ref("global_logp_1"),
-                                    ref("global_logp_2"), args.beta)
-        # Table 4's ablation of App. A: the larger of two equal ratios is the local one
-        adaptive = "local" if args.no_adaptive_reference else "global"
-        terms = scir_loss(policy_1, policy_2, p_irm, p_grm_copy, ref("local_logp_1"),
-                          ref("local_logp_2"), ref(f"{adaptive}_logp_1"), ref(f"{adaptive}_logp_2"),
-                          args.beta, alpha, args.tau)
-        loss = alpha * terms["consistency_loss"] if args.no_dcpo else terms["loss"]
-        agreed = terms["agree"]
-        return {"loss": loss.mean(), "consistency_loss": terms["consistency_loss"].mean().detach(),
-                "dpo_loss": (agreed * terms["dpo_loss"]).mean().detach(),  # 0 where they disagree
-                "dcpo_fraction": agreed.mean(),
-                "detached": [((policy,), (policy_copy,)), ((p_grm,), (p_grm_copy,))]}
-    return loss_fn
-
-
-@torch.no_grad()
-def score_pairs(model, tokenizer, pairs, args, identifier_ids, alpha_l, desc):
-    """log pi(y1|x), log pi(y2|x) and the judge's Q (mean, and per prompt) of every pair -> rows;
-    under torchrun each rank scores its share."""
-    model.eval()
-
-    def score(share):
-        rows, size = [], args.score_batch_size // 2
-        for start in tqdm(range(0, len(share), size), desc=desc):
-            batch = share[start: start + size]
-            sequences = [s for pair in batch for s in pair["sequences"]]
-            logps = response_logps(model, sequences, tokenizer.pad_token_id).view(-1, 2)
-            q = generative_preference(model, tokenizer, identifier_ids=identifier_ids,
-                                      alpha_l=alpha_l, **judge_fields(args, batch))
-            rows += [{"logp_1": a, "logp_2": b, "q": mean, "q_prompts": q_prompts} for (a, b), mean,
-                     q_prompts in zip(logps.tolist(), q.mean(-1).tolist(), q.tolist())]
-        return rows
-    return data_parallel(score, pairs)
-
-
-def judge_length_reg(args, t):
-    """alpha_l of M_t's judge: on from iteration --length_reg_from, where M_{from-1} judges."""
-    return args.length_reg if t + 1 >= args.length_reg_from else 0.0
-
-
-def global_reference_logps(args, tokenizer, pairs, path):
-    """log pi_ref^g(y1|x) and log pi_ref^g(y2|x) of every pair, cached in path."""
-    logps = score_logps(path, args.global_reference or args.model,
-                        [s for pair in pairs for s in pair["sequences"]], tokenizer, args)
-    return [{"logp_1": a, "logp_2": b} for a, b in zip(logps[::2], logps[1::2])]
-
-
-def reference_scores(args, tokenizer, samples, t, out, identifier_ids, alpha_l):
-    """The pairs with their references: pi_ref^g (Eq. 4) and pi_ref^l = M_t (App. A), whose Q is
-    kept for the analysis -> (pairs, M_t's scores, pi_ref^g's log-probs); cached."""
-    it = out / f"iter{t + 1}"
-    pairs = [dict(row, sequences=pair_sequences(tokenizer, row, args.max_length))
-             for row in samples]
-    global_ref = global_reference_logps(args, tokenizer, pairs, it / "logps_global.jsonl")
-    start = cached_jsonl(it / "start.jsonl", lambda: score_pairs(
-        load_model(out / f"M{t}", args), tokenizer, pairs, args, identifier_ids, alpha_l,
-        f"IRM and GRM of M{t}"))
-    if len(start) != len(pairs):
-        fail(f"{it / 'start.jsonl'} holds scores of other pairs than the iteration's samples: "
-             f"delete it to recompute")
-    for pair, g, s in zip(pairs, global_ref, start):
-        pair.update(global_logp_1=g["logp_1"], global_logp_2=g["logp_2"], local_logp_1=s["logp_1"],
-                    local_logp_2=s["logp_2"])
-    return pairs, start, global_ref
+def internal_consistency(p_irm, grm_labels):
+    """Share of the pairs both label on which IRM and GRM agree: [P], [label] -> (rate, count)."""
+    counted = [(p, label) for p, label in zip(p_irm, grm_labels) if label is not None and p != 0.5]
+    rate = sum(agree(p, float(label)) for p, label in counted) / len(counted) if counted else None
+    return rate, len(counted)
 
 
 def irm_preferences(scored, global_ref, beta):
@@ -714,122 +727,71 @@ def scir_pair_rows(pairs, start, end, global_ref, beta):
     return rows
 
 
-def scir_iteration(args, tokenizer, samples, t, out, identifier_ids):
-    """M_t -> M_{t+1}: precompute the references, train on Eq. 7, measure P and Q again, save."""
-    alpha_l = judge_length_reg(args, t)
-    pairs, start, global_ref = reference_scores(args, tokenizer, samples, t, out, identifier_ids,
-                                                alpha_l)
+# --- Table 2's baselines: rank each prompt's samples once, DPO on best vs worst against M_t ---
+def baseline_iteration(args, tokenizer, samples, t, out):
+    """M_t -> M_{t+1} for srlm, irm or external: rank, pair best vs worst, DPO, measure, save."""
+    it = out / f"iter{t + 1}"
+    sequences = []
+    for row in samples:
+        prompt_ids = encode(tokenizer, row["prompt"])
+        sequences += [(prompt_ids, s["token_ids"][: args.max_length - len(prompt_ids)])
+                      for s in row["samples"]]
+    local = cached_logps(it / "logps_local.jsonl", out / f"M{t}", sequences, tokenizer, args)
+    if args.method == "irm":
+        rewards = implicit_rewards(args, tokenizer, sequences, local, it)
+    elif args.method == "external":
+        rewards = reward_model_rewards(args, samples, it)
+    else:
+        rewards = judge_rewards(args, tokenizer, samples, t, out)
+    unusable = sum(r is None for r in rewards) if args.method == "srlm" else None
+    n = len(samples[0]["samples"])
+    pairs = best_vs_worst(samples, by_prompt(rewards, n), by_prompt(sequences, n),
+                          by_prompt(local, n))
+    if not pairs:
+        fail(f"iteration {t + 1}: no prompt has two responses with different rewards"
+             + (f" ({unusable} judgements gave no score)" if unusable else ""))
+    global_ref = global_reference_logps(args, tokenizer, pairs, it / "logps_global_pairs.jsonl")
+    if args.method == "srlm":  # M_t's judge on a pair: the scores that ranked it
+        start_scores = [ranking_scores(pair) for pair in pairs]
+    else:  # M_t's judge has not seen the pairs: it judges them for the analysis
+        start_scores = [row["scores"] for row in judge_pairs(args, tokenizer, pairs, t, out)]
     model, summary = load_and_train(args, out / f"M{t}", epoch_batches(pairs, args, t),
-                                    scir_batch_loss(args, tokenizer, identifier_ids, alpha_l), "lr",
-                                    args.seed + 1000 * t + 1, f"SCIR M{t} -> M{t + 1}")
-    end = score_pairs(model, tokenizer, pairs, args, identifier_ids, alpha_l,
-                      f"IRM and GRM of M{t + 1}")
-    next_alpha_l = judge_length_reg(args, t + 1)  # M_{t+1} judges D_t as it will judge
-    trained = end if next_alpha_l == alpha_l else score_pairs(
-        model, tokenizer, pairs, args, identifier_ids, next_alpha_l, f"GRM of M{t + 1}, alpha_l on")
-    p_end = irm_preferences(end, global_ref, args.beta)
-    summary.update(pairs=len(pairs),
-                   consistency_rate=sum(agree(p, e["q"]) for p, e in zip(p_end, end)) / len(pairs),
-                   **consistency_figures(start, trained, global_ref, args.beta))
-    write_jsonl(out / f"iter{t + 1}" / "pairs.jsonl",
-                scir_pair_rows(pairs, start, end, global_ref, args.beta))
+                                    dpo_batch_loss(args, tokenizer), "lr", args.seed + 1000 * t + 1,
+                                    f"{args.method} M{t} -> M{t + 1}")
+    rows, figures = baseline_analysis(args, tokenizer, model, pairs, start_scores, global_ref, t)
+    summary.update(pairs=len(pairs), unusable_judgements=unusable, **figures)
+    write_jsonl(it / "pairs.jsonl", rows)
     save_model(model, tokenizer, out / f"M{t + 1}", summary)
 
 
-# --- The loop: base -SFT-> M0 -SCIR-> M1 -SCIR-> M2 -SCIR-> M3 (section 4.1) ---
-def run(args, out):
-    """SFT, the iterations, the analyses and the final table, in out; each finished step is kept."""
-    tokenizer, identifier_ids, sft_rows, judge_rows, pools, bench, tests = prepare(args, out)
-    if not model_ready(out / "M0"):
-        run_sft(args, tokenizer, sft_rows, judge_rows, out)
-    rows = [metrics_row(0, {})]  # one row per model M_k, as in the paper's tables
-    for t, (pool, too_long) in enumerate(pools):  # iteration t + 1 trains M_t into M_{t+1}
-        it = out / f"iter{t + 1}"
-        it.mkdir(exist_ok=True)
-        samples = cached_jsonl(it / "samples.jsonl", lambda: run_sampling(
-            args, tokenizer, pool, t, out), pool, keys=("id", "prompt"))
-        if not model_ready(out / f"M{t + 1}"):
-            if args.method == "scir":
-                scir_iteration(args, tokenizer, samples, t, out, identifier_ids)
-            else:
-                baseline_iteration(args, tokenizer, samples, t, out)
-        summary = json.loads((out / f"M{t + 1}" / "training_summary.json").read_text())
-        lengths = [len(s["token_ids"]) for row in samples for s in row["samples"]]
-        rows[t].update(response_length=sum(lengths) / len(lengths), too_long=too_long,
-                       consistency_new=summary.get("consistency_new"),
-                       counted_new=summary.get("counted_new"))
-        rows.append(metrics_row(t + 1, summary))
-        write_jsonl(out / "metrics.jsonl", rows)
-    if args.eval_reward_bench:
-        for k, scores in evaluate_reward_bench(args, tokenizer, bench, out, identifier_ids).items():
-            rows[k]["reward_bench"] = scores
-    if args.evaluate:
-        for k, accuracy in evaluate_models(args, tokenizer, tests, out).items():
-            rows[k]["evaluation"] = accuracy
-    write_jsonl(out / "metrics.jsonl", rows)
-    table = final_table(args, rows)
-    write_text(out / "table.md", table)
-    say(f"\n{table}\nmodels, samples, pairs, metrics.jsonl and table.md are in {out}")
+def implicit_rewards(args, tokenizer, sequences, local, it):
+    """IRM's ranking: log pi_t(y|x) - log pi_ref^g(y|x) of every sample (Eq. 4's reward / beta)."""
+    global_ = cached_logps(it / "logps_global.jsonl", args.global_reference or args.model,
+                           sequences, tokenizer, args)
+    return [a - b for a, b in zip(local, global_)]
 
 
-def main(argv=None):
-    """Parse, lock the output folder, run; an interruption or a full disk ends in one line, and a
-    rerun resumes."""
-    start_processes()
-    args = parse_args(argv)
-    out = Path(args.output_dir)
-    import fcntl  # Unix only, like the lock it takes
-
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with open(out / ".lock", "a") as lock:  # "a": an existing lock file is not even touched
-            try:  # rank 0 holds it for all the ranks of a torchrun
-                if rank_and_world()[0] == 0:
-                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # freed however it ends
-            except BlockingIOError:
-                fail(f"another run is using {out}: wait for it to end, or use another --output_dir")
-            run(args, out)
-    except KeyboardInterrupt:
-        fail("interrupted; rerun the same command to resume where it stopped")
-    except OSError as e:
-        fail(f"{e.filename or out}: {e.strerror or e}; rerun the same command to resume once that "
-             f"is fixed")
-    if dist.is_initialized():
-        dist.destroy_process_group()
+def reward_model_rewards(args, samples, it):
+    """The external ranking: --reward_model's score of every sample, resident alone; cached."""
+    def score():
+        return data_parallel(partial(external_rewards, args.reward_model, args=args), samples)
+    scored = cached(it / "rewards_external.jsonl", samples, ("id",), score)
+    return [value for row in scored for value in row["rewards"]]
 
 
-# --- Table 2's baselines: rank each prompt's samples once, DPO on best vs worst against M_t ---
-SCORE = re.compile(r"(?i:score)\**(?:\s*[:：=]|\s+of|\s+is)?[\s*\[<]*"
-                   # N, or a tally such as 1 + 1 = 2
-                   r"(\d+(?:\.\d+)?(?:\s*\+\s*\d+(?:\.\d+)?)*(?:\s*=\s*\d+(?:\.\d+)?)?)"
-                   r"[\]>*]*(?:\s*(?:/|out of)\s*(\d+))?")  # an optional denominator
+def judge_rewards(args, tokenizer, samples, t, out):
+    """SRLM's ranking: M_t's Table 6 score of every sample (None where it gives none); cached."""
+    def judge():
+        return judge_samples(load_model(out / f"M{t}", args, seed=args.seed + 1000 * t + 2),
+                             tokenizer, samples, args)
+    judged = cached(out / f"iter{t + 1}" / "judgements.jsonl", samples, ("id",), judge)
+    return [score for row in judged for score in row["scores"]]
 
 
-def parse_score(judgement):
-    """The last 'Score: N' of a judgement, N in 0..5, else None. '**Score:** 4', 'score of 4',
-    'Score: 4/5' and 'Score: 3 + 1 = 4' count; 'Score: 5/10' is on another scale."""
-    scores = []
-    for tally, denominator in SCORE.findall(judgement):
-        if denominator and denominator != "5":
-            continue
-        terms = tally.split("=")[-1:] if "=" in tally else tally.split("+")
-        total = sum(float(term) for term in terms)
-        if 0 <= total <= 5:
-            scores.append(total)
-    return scores[-1] if scores else None
-
-
-def pointwise_prompt(tokenizer, instruction, response, max_length):
-    """Table 6's prompt for one response, cut so the prompt keeps to about max_length tokens."""
-    room = max(1, max_length - len(encode(tokenizer, fill_pointwise(instruction, ""))))
-    return fill_pointwise(instruction, cut_text(tokenizer, response, room))
-
-
-def judge_samples(model, tokenizer, samples_rows, args, seed):
+def judge_samples(model, tokenizer, samples_rows, args):
     """Self-Rewarding: one sampled Table 6 judgement of each of a row's samples -> per-row scores
     (None: no score) and judgements."""
     model.eval()
-    torch.manual_seed(seed)
     prompts = [pointwise_prompt(tokenizer, row["prompt"], s["response"], args.max_length)
                for row in samples_rows for s in row["samples"]]
     judgements = [reply["response"] for (reply,) in
@@ -841,6 +803,12 @@ def judge_samples(model, tokenizer, samples_rows, args, seed):
         rows.append({"id": row["id"], "scores": [parse_score(text) for text in texts],
                      "judgements": texts})
     return rows
+
+
+def pointwise_prompt(tokenizer, instruction, response, max_length):
+    """Table 6's prompt for one response, cut so the prompt keeps to about max_length tokens."""
+    room = max(1, max_length - len(encode(tokenizer, fill_pointwise(instruction, ""))))
+    return fill_pointwise(instruction, cut_text(tokenizer, response, room))
 
 
 def reward_model_tokenizer(path):
@@ -859,7 +827,7 @@ def external_rewards(path, samples_rows, args):
     transformers finds it as the last token that is not pad_token_id, so no sequence may end in it.
     """
     tokenizer = reward_model_tokenizer(path)
-    model = load_model(path, args, AutoModelForSequenceClassification).eval()
+    model = load_model(path, args, model_class=AutoModelForSequenceClassification)
     sequences = [token_ids(tokenizer, tokenizer.apply_chat_template(
         [{"role": "user", "content": row["prompt"]},
          {"role": "assistant", "content": s["response"]}], tokenize=False))
@@ -882,44 +850,26 @@ def external_rewards(path, samples_rows, args):
             for j, row in enumerate(samples_rows)]
 
 
-def judge_rewards(args, tokenizer, samples, t, out):
-    """SRLM's ranking: M_t's Table 6 score of every sample (None where it gives none); cached."""
-    judged = cached_jsonl(out / f"iter{t + 1}" / "judgements.jsonl", lambda: judge_samples(
-        load_model(out / f"M{t}", args), tokenizer, samples, args, args.seed + 1000 * t + 2),
-        samples)
-    return [score for row in judged for score in row["scores"]]
-
-
-def implicit_rewards(args, tokenizer, sequences, local, it):
-    """IRM's ranking: log pi_t(y|x) - log pi_ref^g(y|x) of every sample (Eq. 4's reward / beta)."""
-    global_ = score_logps(it / "logps_global.jsonl", args.global_reference or args.model, sequences,
-                          tokenizer, args)
-    return [a - b for a, b in zip(local, global_)]
-
-
-def reward_model_rewards(args, samples, it):
-    """The external ranking: --reward_model's score of every sample, resident alone; cached."""
-    scored = cached_jsonl(it / "rewards_external.jsonl",
-                          lambda: data_parallel(partial(external_rewards, args.reward_model,
-                                                        args=args), samples), samples)
-    return [value for row in scored for value in row["rewards"]]
+def by_prompt(values, n):
+    """A flat list of every sample's values -> one list of n per prompt."""
+    return [values[j: j + n] for j in range(0, len(values), n)]
 
 
 def best_vs_worst(samples, rewards, sequences, local):
     """Per prompt, its highest-rewarded sample as chosen and its lowest as rejected, with M_t's
-    log-probs as the reference; a prompt without two different rewards gives no pair."""
-    pairs, n = [], len(samples[0]["samples"])
-    for j, row in enumerate(samples):
-        r = rewards[j * n: (j + 1) * n]
+    log-probs as the reference; rewards, sequences and local hold one list per prompt, a value
+    per sample. A prompt without two different rewards gives no pair."""
+    pairs = []
+    for row, r, row_sequences, row_local in zip(samples, rewards, sequences, local):
         usable = [i for i, value in enumerate(r) if value is not None]
         if len(usable) < 2 or max(r[i] for i in usable) == min(r[i] for i in usable):
             continue
-        best, worst = j * n + max(usable, key=r.__getitem__), j * n + min(usable, key=r.__getitem__)
-        chosen, rejected = row["samples"][best - j * n], row["samples"][worst - j * n]
+        best, worst = max(usable, key=r.__getitem__), min(usable, key=r.__getitem__)
+        chosen, rejected = row["samples"][best], row["samples"][worst]
         pairs.append({"id": row["id"], "prompt": row["prompt"], "chosen": chosen["response"],
                       "rejected": rejected["response"], "rewards": r, "samples": [chosen, rejected],
-                      "sequences": [sequences[best], sequences[worst]],
-                      "ref_chosen_logp": local[best], "ref_rejected_logp": local[worst]})
+                      "sequences": [row_sequences[best], row_sequences[worst]],
+                      "ref_chosen_logp": row_local[best], "ref_rejected_logp": row_local[worst]})
     return pairs
 
 
@@ -927,6 +877,15 @@ def ranking_scores(pair):
     """The two scores that made a pair: its best and its worst reward."""
     usable = [value for value in pair["rewards"] if value is not None]
     return [max(usable), min(usable)]
+
+
+def judge_pairs(args, tokenizer, pairs, t, out):
+    """M_t's Table 6 scores of each pair's chosen and rejected response (analysis); cached."""
+    def judge():
+        judged = judge_samples(load_model(out / f"M{t}", args, seed=args.seed + 1000 * t + 2),
+                               tokenizer, pairs, args)
+        return [dict(row, chosen=pair["chosen"]) for row, pair in zip(judged, pairs)]
+    return cached(out / f"iter{t + 1}" / "judgements_pairs.jsonl", pairs, ("id", "chosen"), judge)
 
 
 def dpo_batch_loss(args, tokenizer):
@@ -940,7 +899,7 @@ def dpo_batch_loss(args, tokenizer):
             return torch.tensor([p[key] for p in batch], device=model.device)
         losses = dpo_loss(chosen, rejected, ref("ref_chosen_logp"), ref("ref_rejected_logp"),
                           args.beta)
-        return {"loss": losses.mean(), "dpo_loss": losses.mean().detach()}
+        return {"loss": losses.mean(), "dpo_loss": losses.mean().detach()}, []
     return loss_fn
 
 
@@ -949,7 +908,8 @@ def baseline_analysis(args, tokenizer, model, pairs, start_scores, global_ref, t
     trained model) on the pairs -> (pairs.jsonl rows, figures)."""
     end_logps = batched_logps(model, [s for p in pairs for s in p["sequences"]],
                               tokenizer.pad_token_id, args.score_batch_size, f"IRM of M{t + 1}")
-    end_judged = judge_samples(model, tokenizer, pairs, args, args.seed + 1000 * t + 3)
+    torch.manual_seed(args.seed + 1000 * t + 3)
+    end_judged = judge_samples(model, tokenizer, pairs, args)
     start = [{"logp_1": p["ref_chosen_logp"], "logp_2": p["ref_rejected_logp"], "scores": s}
              for p, s in zip(pairs, start_scores)]
     end = [{"logp_1": a, "logp_2": b, "scores": j["scores"]}
@@ -962,44 +922,6 @@ def baseline_analysis(args, tokenizer, model, pairs, start_scores, global_ref, t
     return rows, consistency_figures(start, end, global_ref, args.beta)
 
 
-def baseline_iteration(args, tokenizer, samples, t, out):
-    """M_t -> M_{t+1} for srlm, irm or external: rank, pair best vs worst, DPO, measure, save."""
-    it = out / f"iter{t + 1}"
-    sequences = []
-    for row in samples:
-        prompt_ids = encode(tokenizer, row["prompt"])
-        sequences += [(prompt_ids, s["token_ids"][: args.max_length - len(prompt_ids)])
-                      for s in row["samples"]]
-    local = score_logps(it / "logps_local.jsonl", out / f"M{t}", sequences, tokenizer, args)
-    if args.method == "irm":
-        rewards = implicit_rewards(args, tokenizer, sequences, local, it)
-    elif args.method == "external":
-        rewards = reward_model_rewards(args, samples, it)
-    else:
-        rewards = judge_rewards(args, tokenizer, samples, t, out)
-    unusable = sum(r is None for r in rewards) if args.method == "srlm" else None
-    pairs = best_vs_worst(samples, rewards, sequences, local)
-    if not pairs:
-        fail(f"iteration {t + 1}: no prompt has two responses with different rewards"
-             + (f" ({unusable} judgements gave no score)" if unusable else ""))
-    global_ref = global_reference_logps(args, tokenizer, pairs, it / "logps_global_pairs.jsonl")
-    if args.method == "srlm":  # M_t's judge on a pair: the scores that ranked it
-        start_scores = [ranking_scores(pair) for pair in pairs]
-    else:  # M_t's judge has not seen the pairs: it judges them for the analysis
-        judged = cached_jsonl(it / "judgements_pairs.jsonl", lambda: [
-            dict(row, chosen=pair["chosen"]) for row, pair in zip(judge_samples(
-                load_model(out / f"M{t}", args), tokenizer, pairs, args, args.seed + 1000 * t + 2),
-                pairs)], pairs, keys=("id", "chosen"))
-        start_scores = [row["scores"] for row in judged]
-    model, summary = load_and_train(args, out / f"M{t}", epoch_batches(pairs, args, t),
-                                    dpo_batch_loss(args, tokenizer), "lr", args.seed + 1000 * t + 1,
-                                    f"{args.method} M{t} -> M{t + 1}")
-    rows, figures = baseline_analysis(args, tokenizer, model, pairs, start_scores, global_ref, t)
-    summary.update(pairs=len(pairs), unusable_judgements=unusable, **figures)
-    write_jsonl(it / "pairs.jsonl", rows)
-    save_model(model, tokenizer, out / f"M{t + 1}", summary)
-
-
 # --- Figure 3, section 4.4: the IRM, the GRM and the pairs they agree on, scored on RewardBench ---
 REWARD_BENCH_SECTIONS = {
     "Chat": ["alpacaeval-easy", "alpacaeval-length", "alpacaeval-hard", "mt-bench-easy",
@@ -1010,6 +932,45 @@ REWARD_BENCH_SECTIONS = {
                "xstest-should-respond", "donotanswer"],
     "Reasoning": ["math-prm", "hep-cpp", "hep-go", "hep-java", "hep-js", "hep-python", "hep-rust"],
 }
+
+
+def evaluate_reward_bench(args, tokenizer, pairs, out, identifier_ids):
+    """Figure 3: M_0..M_T label each pair by IRM and GRM -> {k: {irm|grm|consistency: scores}}."""
+    (out / "reward_bench").mkdir(exist_ok=True)
+    global_ref = global_reference_logps(args, tokenizer, pairs,
+                                        out / "reward_bench" / "logps_global.jsonl")
+    subsets = [pair["subset"] for pair in pairs]
+    results = {}
+    for k in range(args.iterations + 1):
+        irm, grm = reward_bench_labels(args, tokenizer, pairs, global_ref, k, out, identifier_ids)
+        both = [i if i == g else None for i, g in zip(irm, grm)]  # where IRM and GRM give one label
+        results[k] = {name: reward_bench_scores(subsets, labels)
+                      for name, labels in (("irm", irm), ("grm", grm), ("consistency", both))}
+    return results
+
+
+def reward_bench_labels(args, tokenizer, pairs, global_ref, k, out, identifier_ids):
+    """M_k's labels (True: chosen wins) of every pair by its IRM (Eq. 4) and its GRM; cached."""
+    def score():
+        model = load_model(out / f"M{k}", args)
+        if args.method == "scir":
+            rows = score_pairs(model, tokenizer, pairs, args, identifier_ids,
+                               judge_length_reg(args, k), f"RewardBench: IRM and GRM of M{k}")
+        else:
+            logps = batched_logps(model, [s for p in pairs for s in p["sequences"]],
+                                  tokenizer.pad_token_id, args.score_batch_size,
+                                  f"RewardBench M{k}")
+            torch.manual_seed(args.seed + 1000 * k + 4)
+            judged = judge_samples(model, tokenizer, pairs, args)
+            rows = [{"logp_1": a, "logp_2": b, "scores": j["scores"],
+                     "judgements": j["judgements"]}
+                    for a, b, j in zip(logps[::2], logps[1::2], judged)]
+        return [dict(row, id=pair["id"]) for pair, row in zip(pairs, rows)]
+    scored = cached(out / "reward_bench" / f"M{k}.jsonl", pairs, ("id",), score)
+    irm = [None if p == 0.5 else p > 0.5 for p in irm_preferences(scored, global_ref, args.beta)]
+    if args.method == "scir":  # the mean over the 4 prompts (3.3), as DCPO uses it
+        return irm, [None if s["q"] == 0.5 else s["q"] > 0.5 for s in scored]
+    return irm, [pointwise_label(s["scores"]) for s in scored]  # a tie or no score: no label
 
 
 def reward_bench_scores(subsets, correct):
@@ -1055,100 +1016,23 @@ def reward_bench_pairs(tokenizer, rows, args):
     return pairs
 
 
-def reward_bench_labels(args, tokenizer, pairs, global_ref, k, out, identifier_ids):
-    """M_k's labels (True: chosen wins) of every pair by its IRM (Eq. 4) and its GRM; cached."""
-    def score():
-        model = load_model(out / f"M{k}", args)
-        if args.method == "scir":
-            return score_pairs(model, tokenizer, pairs, args, identifier_ids,
-                               judge_length_reg(args, k), f"RewardBench: IRM and GRM of M{k}")
-        logps = batched_logps(model, [s for p in pairs for s in p["sequences"]],
-                              tokenizer.pad_token_id, args.score_batch_size, f"RewardBench M{k}")
-        judged = judge_samples(model, tokenizer, pairs, args, args.seed + 1000 * k + 4)
-        return [{"logp_1": a, "logp_2": b, "scores": j["scores"], "judgements": j["judgements"]}
-                for a, b, j in zip(logps[::2], logps[1::2], judged)]
-    scored = cached_jsonl(out / "reward_bench" / f"M{k}.jsonl", lambda: [
-        dict(row, id=pair["id"]) for pair, row in zip(pairs, score())], pairs)
-    irm = [None if p == 0.5 else p > 0.5 for p in irm_preferences(scored, global_ref, args.beta)]
-    if args.method == "scir":  # the mean over the 4 prompts (3.3), as DCPO uses it
-        return irm, [None if s["q"] == 0.5 else s["q"] > 0.5 for s in scored]
-    return irm, [pointwise_label(s["scores"]) for s in scored]  # a tie or no score: no label
-
-
-def evaluate_reward_bench(args, tokenizer, pairs, out, identifier_ids):
-    """Figure 3: M_0..M_T label each pair by IRM and GRM -> {k: {irm|grm|consistency: scores}}."""
-    (out / "reward_bench").mkdir(exist_ok=True)
-    global_ref = global_reference_logps(args, tokenizer, pairs,
-                                        out / "reward_bench" / "logps_global.jsonl")
-    subsets = [pair["subset"] for pair in pairs]
+# --- Table 2's GSM8K and MMLU columns: greedy, zero-shot, exact match (prompts.py reads) ---
+def evaluate_models(args, tokenizer, tests, out):
+    """Exact match of M0 (SFT) .. M_T on each task -> {k: {task: accuracy}}; replies in eval/."""
+    (out / "eval").mkdir(exist_ok=True)
+    limit = f"-first{args.eval_limit}" if args.eval_limit else ""
     results = {}
+
+    def answers_of(k):
+        return greedy_answers(load_model(out / f"M{k}", args), tokenizer, tests, args)
     for k in range(args.iterations + 1):
-        irm, grm = reward_bench_labels(args, tokenizer, pairs, global_ref, k, out, identifier_ids)
-        both = [i if i == g else None for i, g in zip(irm, grm)]  # where IRM and GRM give one label
-        results[k] = {name: reward_bench_scores(subsets, labels)
-                      for name, labels in (("irm", irm), ("grm", grm), ("consistency", both))}
+        rows = cached(out / "eval" / f"M{k}{limit}.jsonl", tests, ("task", "prompt", "answer"),
+                      partial(answers_of, k))
+        results[k] = {}
+        for row in rows:
+            results[k].setdefault(row["task"], []).append(row["correct"])
+        results[k] = {task: sum(hits) / len(hits) for task, hits in results[k].items()}
     return results
-
-
-# --- Table 2's GSM8K and MMLU columns: greedy, zero-shot, exact match ---
-# Only test questions get this line; the prompt pool keeps Alpaca's prompts as they are
-EVAL_SUFFIX = {
-    "choice": "\n\nEnd your reply with 'Answer: X', where X is the letter of the correct option.",
-    "number": "\n\nSolve it step by step and end your reply with 'Answer: N', where N is the final "
-              "number."}
-NUMBER = r"-?(?:\d[\d,]*(?:\.\d+)?|\.\d+)"  # '.5' too
-# 'Answer:', 'Answer =', 'Answer -', 'answer is', '**Answer:**'; not 'Answer A would be wrong'
-STATED = r"(?i:answer)\**(?:\s*[:=-]|\s+(?i:is)\b)[\s:*]*"
-BOXED = r"\$?\\boxed\{"
-# '7 + 3 = ' before the number: the answer is the number after the last '='
-EXPRESSION = r"(?:[-+*/×÷()\d,$](?:[-+*/×÷()\d,$ \t]|\.(?=\d))*=[ \t]*)*"
-
-
-def answer_kind(answer):
-    return "choice" if re.fullmatch(r"[A-E]", answer) else "number"
-
-
-def eval_prompt(row):
-    """A test question as the model sees it: the question, then how to state the answer."""
-    return row["prompt"] + EVAL_SUFFIX[answer_kind(row["answer"])]
-
-
-def extract_answer(reply, kind):
-    """The answer a reply gives: a letter A-E or a number without commas; None if it gives none.
-
-    Letters from a statement ('Answer: X', 'answer is (X)', '**Answer:** X', 'Answer: [X]',
-    'Answer: \\boxed{X}'), then '\\boxed{X}', then '(X)', then a reply that is only 'X' or 'X.'.
-    Only upper case: the English word 'a' is never an answer. A statement needs a separator after
-    'answer' (':', '=', '-', 'is'): 'Answer A would be wrong' is a mention. Numbers from '#### N',
-    then 'Answer: N' ('Answer = N', 'Answer: \\boxed{N}', 'Answer: 7 + 3 = N' gives N), then
-    '\\boxed{N}', then the last number.
-    """
-    if kind == "choice":
-        stated = re.findall(STATED + rf"(?:(?i:option)\s*)?[\[(]?\**(?:{BOXED})?([A-E])\b"
-                            r"(?![.]?[a-z])(?:[*\])}]*\s+(?:or|and)\s+[\[(]?\**([A-E])\b)?", reply)
-        if stated:  # 'Answer: B or C' hedges, and answers nothing
-            first, alternative = stated[-1]
-            return first if not alternative or alternative == first else None
-        patterns = [r"\\boxed\{([A-E])\}", r"\(([A-E])\)", r"^\s*\**([A-E])\**[.)]?\s*$"]
-    else:  # 'Answer - 18': a dash; 'Answer: -18': a sign
-        patterns = [rf"####\s*\$?({NUMBER})",
-                    rf"(?i:answer)(?:\s*(?i:is))?[\s:*=]*(?:-\s+)?\$?\**(?:{BOXED})?{EXPRESSION}"
-                    rf"\$?({NUMBER})",
-                    rf"\\boxed\{{\s*\$?({NUMBER})\s*\}}",
-                    rf"({NUMBER})"]
-    for pattern in patterns:
-        found = re.findall(pattern, reply)
-        if found:
-            return found[-1].replace(",", "") if kind == "number" else found[-1]
-    return None
-
-
-def is_correct(extracted, answer):
-    if extracted is None:
-        return False
-    if answer_kind(answer) == "choice":
-        return extracted == answer
-    return math.isclose(float(extracted), float(answer.replace(",", "")), abs_tol=1e-6)
 
 
 def greedy_answers(model, tokenizer, tests, args):
@@ -1163,29 +1047,19 @@ def greedy_answers(model, tokenizer, tests, args):
     return rows
 
 
-def evaluate_models(args, tokenizer, tests, out):
-    """Exact match of M0 (SFT) .. M_T on each task -> {k: {task: accuracy}}; replies in eval/."""
-    (out / "eval").mkdir(exist_ok=True)
-    limit = f"-first{args.eval_limit}" if args.eval_limit else ""
-    results = {}
-    for k in range(args.iterations + 1):
-        rows = cached_jsonl(out / "eval" / f"M{k}{limit}.jsonl", lambda: greedy_answers(
-            load_model(out / f"M{k}", args), tokenizer, tests, args), tests,
-            keys=("task", "prompt", "answer"))
-        results[k] = {}
-        for row in rows:
-            results[k].setdefault(row["task"], []).append(row["correct"])
-        results[k] = {task: sum(hits) / len(hits) for task, hits in results[k].items()}
-    return results
-
-
 # --- The final table: one row per model M_k, as in the paper's tables ---
 METHOD_NAMES = {"scir": "Self-Consistent Internal Rewards",
                 "srlm": "Self-Rewarding (LLM-as-a-Judge)",
                 "irm": "Self-Rewarding (Implicit Reward Model)",
                 "external": "External Reward Model"}
+
+
 TASK_NAMES = {"gsm8k": "GSM8K", "mmlu": "MMLU"}
+
+
 SAMPLING_KEYS = ("response_length", "too_long", "consistency_new", "counted_new")  # M_k's samples
+
+
 TRAINING_KEYS = ("pairs", "loss", "consistency_loss", "dpo_loss", "dcpo_fraction",
                  "consistency_rate", "unusable_judgements", "consistency_trained",
                  "counted_trained")  # the training that made M_k, on D_{k-1}
@@ -1195,6 +1069,15 @@ def metrics_row(k, summary):
     """M_k's row: what its samples add (None until sampled) and how it was trained (summary)."""
     return ({"model": f"M{k}", "iteration": k} | dict.fromkeys(SAMPLING_KEYS)
             | {key: summary.get(key) for key in TRAINING_KEYS})
+
+
+def sample_metrics(samples, too_long, summary):
+    """What M_k's samples add to its row: their mean length in tokens, the prompts left out as
+    too long, and Table 1's consistency of M_k on them (measured when M_{k+1} was trained)."""
+    lengths = [len(s["token_ids"]) for row in samples for s in row["samples"]]
+    return {"response_length": sum(lengths) / len(lengths), "too_long": too_long,
+            "consistency_new": summary.get("consistency_new"),
+            "counted_new": summary.get("counted_new")}
 
 
 def final_table(args, rows):
@@ -1224,7 +1107,8 @@ def final_table(args, rows):
     return "\n".join(lines) + "\n"
 
 
-# --- Plumbing: files, written to a temporary name and renamed: a crash leaves no half file ---
+# ======== Plumbing: files, data, models, optimizer and train, torchrun, flags, the demo ========
+# --- Files, written to a temporary name and renamed: a crash leaves no half file; resume ---
 def fail(message):
     """Stop with a one-line error and a non-zero exit, never a traceback (from rank 0 only)."""
     sys.exit(f"scir.py: error: {message}" if rank_and_world()[0] == 0 else 1)
@@ -1272,39 +1156,64 @@ def write_jsonl(path, rows):
     write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
-def cached_jsonl(path, compute, expected=None, keys=("id",)):
-    """Rows of `path` if an earlier run finished it (resume), else compute and write them. Given
-    `expected` rows, the file must hold one row per expected row, in order, with the same keys."""
-    if not rank_0_sees(Path(path).exists()):
+def cached(path, expected, keys, compute):
+    """The rows of path if an earlier run wrote it (resume), else compute() written there; they
+    must match `expected` row for row on `keys` (no keys: in number), or the file is stale."""
+    if not rank_0_sees(path.exists()):
         rows = compute()
         write_jsonl(path, rows)
-        return rows
-    rows = []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for number, line in enumerate(f, 1):
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                rows.append(None)
-            if not isinstance(rows[-1], dict):
-                fail(f"{path}:{number} is damaged (not a JSON object): delete it to recompute it")
-    if expected is not None and ([[row.get(k) for k in keys] for row in rows]
-                                 != [[row[k] for k in keys] for row in expected]):
-        fail(f"{path} does not match this run's data or its earlier steps: delete it to recompute")
+    else:
+        rows = []
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for number, line in enumerate(f, 1):
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    rows.append(None)
+                if not isinstance(rows[-1], dict):
+                    fail(f"{path}:{number} is damaged (not a JSON object): delete it to "
+                         f"recompute it")
+    check_ids(path, rows, expected, keys)
     return rows
 
 
-def score_logps(path, model_path, sequences, tokenizer, args):
-    """batched_logps under the model at model_path, cached in path."""
-    rows = cached_jsonl(path, lambda: [{"logp": v} for v in batched_logps(
-        load_model(model_path, args), sequences, tokenizer.pad_token_id, args.score_batch_size,
-        f"log-probs under {model_path}")])
-    if len(rows) != len(sequences):
-        fail(f"{path} holds log-probs of other sequences: delete it to recompute")
-    return [row["logp"] for row in rows]
+def check_ids(path, rows, expected, keys=("id",)):
+    """A cached file holds one row per expected row, in order, with the same keys: else stale."""
+    if [[row.get(k) for k in keys] for row in rows] != [[row[k] for k in keys] for row in expected]:
+        fail(f"{path} does not match this run's data or its earlier steps: delete it to recompute")
 
 
-# --- Plumbing: data (Appendix C.1): Alpaca + LIMA + oasst2 pairs, and RewardBench for Figure 3 ---
+def cached_logps(path, model_path, sequences, tokenizer, args):
+    """batched_logps under the model at model_path, cached in path -> [float]."""
+    def score():
+        return [{"logp": v} for v in batched_logps(
+            load_model(model_path, args), sequences, tokenizer.pad_token_id, args.score_batch_size,
+            f"log-probs under {model_path}")]
+    return [row["logp"] for row in cached(path, sequences, (), score)]
+
+
+@contextlib.contextmanager
+def locked(out):
+    """out, created and locked for this run; Ctrl-C or an OSError (a full disk) ends in one line."""
+    import fcntl  # Unix only, like the lock it takes
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / ".lock", "a") as lock:  # "a": an existing lock file is not even touched
+            try:  # rank 0 holds it for all the ranks of a torchrun
+                if rank_and_world()[0] == 0:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # freed however it ends
+            except BlockingIOError:
+                fail(f"another run is using {out}: wait for it to end, or use another --output_dir")
+            yield
+    except KeyboardInterrupt:
+        fail("interrupted; rerun the same command to resume where it stopped")
+    except OSError as e:
+        fail(f"{e.filename or out}: {e.strerror or e}; rerun the same command to resume once "
+             f"that is fixed")
+
+
+# --- Data (Appendix C.1): Alpaca + LIMA + oasst2 pairs, RewardBench, GSM8K and MMLU ---
 def load_hub_data(args):
     """(SFT rows, judge pairs, prompts): Alpaca prompts not used in SFT are the prompt pool."""
     from datasets import load_dataset
@@ -1391,7 +1300,7 @@ def load_eval_data(args):
             fail(f"{path} is missing (--evaluate)")
         tests = read_jsonl(path, ["task", "prompt", "answer"])
         for number, row in enumerate(tests, 1):
-            if not re.fullmatch(rf"[A-E]|{NUMBER}", row["answer"]):
+            if answer_kind(row["answer"]) is None:
                 fail(f"{path}: row {number}: answer {row['answer']!r} is neither a letter A-E "
                      f"nor a number")
         return tests
@@ -1409,7 +1318,95 @@ def load_eval_data(args):
         "answer": "ABCD"[r["answer"]]} for r in mmlu]
 
 
-# --- Plumbing: models, one resident at a time (reference log-probs are precomputed) ---
+# --- Everything checked before the first file is written ---
+def prepare(args, out):
+    """Data, tokenizer and models checked, the prompt pool of each iteration, then args.json ->
+    (tokenizer, identifier ids, SFT rows, judge rows, [(pool, too long)], RewardBench pairs,
+    test questions)."""
+    if args.demo:
+        args.model, args.data_dir = build_demo(out)
+    sft_rows, judge_rows, prompt_rows = load_data(args)
+    data = json.dumps([sft_rows, judge_rows, prompt_rows]).encode()
+    bench_rows = load_reward_bench(args) if args.eval_reward_bench else None
+    tokenizer = load_tokenizer(args.model)
+    try:
+        identifier_ids = identifier_token_ids(tokenizer)
+    except ValueError as e:
+        fail(str(e))
+    check_models(args, tokenizer)
+    pools = iteration_pools(tokenizer, prompt_rows, args)
+    bench = reward_bench_pairs(tokenizer, bench_rows, args) if args.eval_reward_bench else None
+    tests = eval_questions(tokenizer, load_eval_data(args), args) if args.evaluate else None
+    check_same_settings(out, args, hashlib.sha256(data).hexdigest())  # from here on, files
+    return tokenizer, identifier_ids, sft_rows, judge_rows, pools, bench, tests
+
+
+def iteration_pools(tokenizer, prompt_rows, args):
+    """The prompts shuffled by the seed, less the first --prompt_offset, then each iteration's
+    --num_prompts fresh ones, less those too long to sample -> [(pool, number left out)]."""
+    random.Random(args.seed).shuffle(prompt_rows)  # the same for every run with this --seed
+    prompt_rows = prompt_rows[args.prompt_offset:]
+    if len(prompt_rows) < args.iterations * args.num_prompts:
+        say(f"note: {len(prompt_rows)} prompts for {args.iterations} x {args.num_prompts}: "
+            f"each iteration gets {len(prompt_rows) // args.iterations}")
+    size = min(args.num_prompts, len(prompt_rows) // args.iterations)
+    if size == 0:
+        fail(f"{len(prompt_rows)} prompts cannot be shared by {args.iterations} iterations")
+    pools = []
+    for t in range(1, args.iterations + 1):
+        rows = prompt_rows[(t - 1) * size: t * size]
+        pool = [{"id": f"{t}-{j}", "prompt": row["prompt"]} for j, row in enumerate(rows)
+                if len(encode(tokenizer, row["prompt"])) <= args.max_length - args.max_new_tokens]
+        if not pool:
+            fail(f"every prompt of iteration {t} is longer than --max_length - --max_new_tokens")
+        pools.append((pool, len(rows) - len(pool)))
+    return pools
+
+
+def eval_questions(tokenizer, tests, args):
+    """The test questions scored (each task's first --eval_limit), each leaving room to reply."""
+    scored, seen = [], {}
+    for number, row in enumerate(tests, 1):
+        seen[row["task"]] = seen.get(row["task"], 0) + 1
+        if args.eval_limit and seen[row["task"]] > args.eval_limit:
+            continue
+        if len(encode(tokenizer, eval_prompt(row))) > args.max_length - args.max_new_tokens:
+            fail(f"eval row {number} (task {row['task']}): the question is longer than "
+                 f"--max_length - --max_new_tokens")
+        scored.append(row)
+    return scored
+
+
+def check_models(args, tokenizer):
+    """The tokenizer fits every model of the run, and the judge's template fits --max_length."""
+    check_vocabulary(args.model, tokenizer, "--model")
+    if args.global_reference not in (None, args.model):
+        check_vocabulary(args.global_reference, tokenizer, "--global_reference")
+        probe = chat_prompt(tokenizer, judge_prompts("Any question?", "One answer.",
+                                                     "Another one.")[0][0])
+        reference = load_tokenizer(args.global_reference)
+        if (len(reference) != len(tokenizer)
+                or reference(probe).input_ids != tokenizer(probe).input_ids):
+            fail(f"--global_reference {args.global_reference!r} has another tokenizer than "
+                 f"--model: Eq. 4 needs both to give the same token ids")
+    if args.method == "external":
+        reward_model_tokenizer(args.reward_model)
+        config = AutoConfig.from_pretrained(args.reward_model)
+        if config.num_labels != 1 or not any(a.endswith("ForSequenceClassification")
+                                             for a in config.architectures or []):
+            fail(f"--reward_model {args.reward_model!r} is not a reward model (a sequence "
+                 f"classifier with one output)")
+    if args.method == "scir":  # the pairwise prompts, read after '[['
+        templates, prefix = [text for text, _ in judge_prompts("", "", "")], ANSWER_PREFIX
+    else:  # Table 6's prompt, answered by a sampled judgement
+        templates, prefix = [fill_pointwise("", "")], ""
+    overhead = max(len(encode(tokenizer, text, answer_prefix=prefix)) for text in templates)
+    if args.max_length < overhead + 2:
+        fail(f"--max_length {args.max_length} cannot hold the judge prompt: its template alone "
+             f"takes {overhead} tokens")
+
+
+# --- Models, one resident at a time (reference log-probs are precomputed) ---
 def torch_dtype(args):
     if args.dtype == "auto":
         return torch.bfloat16 if torch.cuda.is_available() else torch.float32
@@ -1434,7 +1431,9 @@ def load_tokenizer(path):
     return tokenizer
 
 
-def load_model(path, args, model_class=AutoModelForCausalLM):
+def load_model(path, args, seed=None, model_class=AutoModelForCausalLM):
+    """The model at path on the device, in eval mode; then torch is seeded, so that sampling and
+    stochastic rounding repeat on a rerun."""
     try:
         model, info = model_class.from_pretrained(path, dtype=torch_dtype(args),
                                                   output_loading_info=True)
@@ -1444,7 +1443,19 @@ def load_model(path, args, model_class=AutoModelForCausalLM):
         missing = sorted(info["missing_keys"])
         fail(f"model {str(path)!r} lacks {len(missing)} weights, {missing[0]} among them: "
              f"a damaged checkpoint")
-    return model.to("cuda" if torch.cuda.is_available() else "cpu")
+    model = model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+    if seed is not None:
+        torch.manual_seed(seed)
+    return model
+
+
+def no_transformers_bars(factory, args, kwargs):
+    """transformers' own progress bars ('Loading weights' at every model load, 'Writing model
+    shards' at every save) off: they would bury the run's bars. The Hub's download bars stay."""
+    return factory(*args, **(kwargs | {"disable": True}))
+
+
+hf_logging.set_tqdm_hook(no_transformers_bars)  # on import: before the first load or save
 
 
 def check_vocabulary(path, tokenizer, flag):
@@ -1487,7 +1498,73 @@ def save_model(model, tokenizer, path, summary):
     barrier()
 
 
-# --- Plumbing: AdamW in float32, written back to bfloat16 with stochastic rounding (README) ---
+# --- The float32 LM head, a vocabulary slice at a time, and the KV cache on CPU ---
+VOCAB_SLICE = 8192  # LM-head rows per float32 slice: [N, 8192] float32 blocks, never [N, V]
+
+
+class TokenLogps(torch.autograd.Function):
+    """log pi(target) = logit[target] - logsumexp(logits), logits = hidden @ weight^T (+ bias) in
+    float32, VOCAB_SLICE head rows at a time: no [N, V] tensor, no float32 copy of the head (at
+    Llama-3's 128K vocabulary that keeps a training step under 65 GiB: README). The backward pass
+    recomputes each slice; d logp / d logits = onehot(target) - softmax.
+    hidden [N, H], weight [V, H], bias [V] or None, targets [N] -> [N] float32.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets):
+        h = hidden.float()
+        lse = torch.full((h.shape[0],), -math.inf, device=h.device)
+        target_logits = torch.zeros_like(lse)
+        for start in range(0, weight.shape[0], VOCAB_SLICE):
+            rows = slice(start, start + VOCAB_SLICE)
+            logits = h @ weight[rows].float().T  # [N, VOCAB_SLICE]
+            if bias is not None:
+                logits += bias[rows].float()
+            lse = torch.logaddexp(lse, logits.logsumexp(-1))
+            inside = (targets >= start) & (targets < start + logits.shape[1])
+            column = (targets - start).clamp(0, logits.shape[1] - 1)[:, None]
+            target_logits += logits.gather(1, column).squeeze(1) * inside
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        return target_logits - lse
+
+    @staticmethod
+    def backward(ctx, grad):  # grad [N]
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        h = hidden.float()
+        grad_hidden, grad_weight = torch.zeros_like(h), torch.empty_like(weight)
+        grad_bias = None if bias is None else torch.empty_like(bias)
+        for start in range(0, weight.shape[0], VOCAB_SLICE):
+            rows = slice(start, start + VOCAB_SLICE)
+            w = weight[rows].float()
+            logits = h @ w.T
+            if bias is not None:
+                logits += bias[rows].float()
+            grad_logits = (logits - lse[:, None]).exp_().mul_(-grad[:, None])  # -softmax * grad
+            inside = (targets >= start) & (targets < start + w.shape[0])
+            column = (targets - start).clamp(0, w.shape[0] - 1)[:, None]
+            grad_logits.scatter_add_(1, column, (grad * inside)[:, None])  # + onehot * grad
+            grad_hidden.addmm_(grad_logits, w)
+            grad_weight[rows] = grad_logits.T @ h
+            if bias is not None:
+                grad_bias[rows] = grad_logits.sum(0)
+        return grad_hidden.to(hidden.dtype), grad_weight, grad_bias, None
+
+
+def token_logps(hidden, targets, head):
+    """log pi(target) through a float32 LM head: hidden [N, H], targets [N] -> [N] float32."""
+    return TokenLogps.apply(hidden, head.weight, head.bias, targets)
+
+
+def cache_config(model, num_requests, longest):
+    """generate_batch sizes its paged KV cache from free GPU memory; on CPU (~15 GB) size it to the
+    work instead."""
+    if model.device.type != "cpu":
+        return None
+    return ContinuousBatchingConfig(num_blocks=num_requests * math.ceil(longest / 256),
+                                    max_batch_tokens=512)
+
+
+# --- AdamW in float32, written back to bfloat16 with stochastic rounding (README) ---
 def stochastic_round_to_bf16(x):
     """float32 -> bfloat16, rounded up with probability equal to the distance: E[result] = x."""
     noise = torch.randint_like(x, 0, 1 << 16, dtype=torch.int32)  # below bfloat16's last bit
@@ -1532,43 +1609,41 @@ def learning_rate(step, total_steps, peak, warmup_ratio):
     return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total_steps - warmup)))
 
 
-# --- Plumbing: the training loop ---
+# --- The training loop ---
 def train(model, batches, loss_fn, lr_flag, args, desc):
     """Gradient accumulation, clipping, AdamW at args.<lr_flag> -> mean metrics; a non-finite loss,
-    gradient or weight stops the run before anything is saved. Under torchrun: FSDP2, and each
-    rank takes its share of every step's micro-batches."""
+    gradient or weight stops the run before anything is saved. loss_fn(model, batch) -> (metrics,
+    detached passes: see backward)."""
     lr = getattr(args, lr_flag)
     stop = (f" with --{lr_flag} {lr}; nothing was saved, and the models before it are intact "
             f"(README)")
-    rank, world = rank_and_world()
-    if world > 1:
-        shard_for_training(model)
+    shard_for_training(model)  # torchrun: FSDP2; one process: nothing
     model.train()
     model.config.use_cache = False
     model.activation_checkpointing_enable()
     params = [p for p in model.parameters() if p.requires_grad]
     state, totals, count = {}, {}, 0
-    steps = [batches[i: i + args.grad_accum] for i in range(0, len(batches), args.grad_accum)]
-    bar = tqdm(total=len(batches), desc=desc, disable=rank > 0)
-    for step, group in enumerate(steps):  # the last step may have fewer micro-batches
-        for j in range(rank, math.ceil(len(group) / world) * world, world):
-            # a rank without a share repeats one at weight 0: FSDP2's collectives stay in step
-            batch, weight = (group[j], 1.0) if j < len(group) else (group[0], 0.0)
-            metrics = loss_fn(model, batch)
-            loss = summed(metrics["loss"].detach())  # NaN on any rank stops every rank
+    steps = [share_of(batches[i: i + args.grad_accum])  # one process: all, at 1 / len(step)
+             for i in range(0, len(batches), args.grad_accum)]
+    bar = tqdm(total=sum(map(len, steps)), desc=desc, disable=rank_and_world()[0] > 0)
+    for step, share in enumerate(steps):  # the last step may have fewer micro-batches
+        for j, (batch, weight) in enumerate(share):
+            metrics, detached = loss_fn(model, batch)
+            loss = summed(metrics["loss"].detach())  # torchrun: a NaN on one rank stops them all
             if not torch.isfinite(loss):
                 fail(f"{desc}: the loss became {loss.item()} at micro-batch "
                      f"{step * args.grad_accum + j}{stop}")
-            backward(model, metrics, weight * world / len(group))
-            for k, v in metrics.items():
-                totals[k] = totals.get(k, 0.0) + weight * v.item()
-            count += weight
-            bar.update(min(world, len(batches) - bar.n))
+            backward(model, metrics["loss"] * weight, detached)
+            if weight:  # torchrun's weight-0 repeats count in no metric
+                count += 1
+                for k, v in metrics.items():
+                    totals[k] = totals.get(k, 0.0) + v.item()
+            bar.update()
             bar.set_postfix(loss=f"{totals['loss'] / max(count, 1):.4f}")
         norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
         if not torch.isfinite(norm.full_tensor() if isinstance(norm, DTensor) else norm):
             fail(f"{desc}: the gradients became non-finite at micro-batch "
-                 f"{step * args.grad_accum + len(group) - 1}{stop}")
+                 f"{step * args.grad_accum + len(share) - 1}{stop}")
         adamw_step(params, state, learning_rate(step, len(steps), lr, args.warmup_ratio))
         model.zero_grad(set_to_none=True)
     if not all_finite(params, model.device):  # the last update is seen by no loss
@@ -1577,19 +1652,15 @@ def train(model, batches, loss_fn, lr_flag, args, desc):
     return mean_metrics(totals, count, model.device)
 
 
-def backward(model, metrics, scale):
-    """Gradients of metrics["loss"] * scale. A loss on detached copies of forward outputs
-    (metrics["detached"]: [(outputs, copies)], scir_batch_loss) then sends its gradient through
-    each forward pass in a backward of its own. Under FSDP2 the root module (embedding, head)
-    stays gathered until the last of them, whose head the later ones saved; each layer is
-    gathered again when activation checkpointing recomputes it."""
-    (metrics["loss"] * scale).backward()
-    passes = [(outputs, copies) for outputs, copies in metrics.pop("detached", [])
+def backward(model, loss, detached):
+    """loss.backward(); then, for a loss taken on detached copies of forward outputs (detached:
+    [(outputs, copies)], scir_batch_loss), each forward pass's own backward with the gradients
+    its copies received."""
+    loss.backward()
+    passes = [(outputs, copies) for outputs, copies in detached
               if any(output.requires_grad for output in outputs)]
     for k, (outputs, copies) in enumerate(passes):
-        if isinstance(model, FSDPModule):
-            model.set_reshard_after_backward(k == len(passes) - 1, recurse=False)
-            model.set_is_last_backward(k == len(passes) - 1)
+        before_backward_pass(model, last=k == len(passes) - 1)  # torchrun: FSDP2's resharding
         torch.autograd.backward(outputs, [copy.grad for copy in copies])
 
 
@@ -1609,13 +1680,12 @@ def epoch_batches(pairs, args, t):
 def load_and_train(args, path, batches, loss_fn, lr_flag, seed, desc):
     """train the model at path; the seed fixes stochastic rounding -> (the trained model, whole
     on every rank, and its mean metrics)."""
-    model = load_model(path, args)
-    torch.manual_seed(seed)
+    model = load_model(path, args, seed=seed)
     metrics = train(model, batches, loss_fn, lr_flag, args, desc)
     return whole(model), metrics
 
 
-# --- Plumbing: several GPUs under torchrun: FSDP2 to train, data parallel to sample and score ---
+# --- Several GPUs under torchrun: FSDP2 to train, data parallel to sample and score ---
 def start_processes():
     """Under torchrun, join the other processes: one GPU each (NCCL), or CPU cores (gloo, tests)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
@@ -1674,6 +1744,39 @@ def data_parallel(work, items):
     return results
 
 
+def share_of(group):
+    """This process's micro-batches of one optimizer step, each with its loss weight: one
+    process takes all at 1 / len(group); under torchrun rank r takes group[r::world] at
+    world / len(group), and where a short last step leaves a rank fewer than the others (or
+    none), it repeats the first at weight 0, so FSDP2's collectives stay in step."""
+    rank, world = rank_and_world()
+    share = [(batch, world / len(group)) for batch in group[rank::world]]
+    repeats = math.ceil(len(group) / world) - len(share)
+    return share + [(group[0], 0.0)] * repeats
+
+
+def sharded_decoder_states(model, **inputs):
+    """decoder_states of a model sharded by FSDP2: it gathers its embedding and head only in its
+    own forward, so that runs, with the head at one position, and a hook keeps the states."""
+    states = []
+
+    def keep(module, args, output):
+        states.append(output.last_hidden_state)
+    hook = model.get_decoder().register_forward_hook(keep)
+    model(**inputs, use_cache=False, logits_to_keep=1)
+    hook.remove()
+    return states[0]
+
+
+def before_backward_pass(model, last):
+    """Under FSDP2 the root module (embedding, head) stays gathered until the last of a
+    micro-batch's backward passes, whose head the later ones saved; each layer is gathered again
+    when activation checkpointing recomputes it. One process: nothing."""
+    if isinstance(model, FSDPModule):
+        model.set_reshard_after_backward(last, recurse=False)
+        model.set_is_last_backward(last)
+
+
 def all_finite(tensors, device):
     """True if every tensor (under FSDP2, every rank's shard of it) is finite on every rank."""
     bad = sum(not torch.isfinite(t.to_local() if isinstance(t, DTensor) else t).all()
@@ -1688,8 +1791,10 @@ def mean_metrics(totals, count, device):
 
 
 def shard_for_training(model):
-    """FSDP2 (ZeRO-3): each decoder layer, then the rest, split across the ranks; weights,
-    gradients and AdamW's m and v are each rank's shard."""
+    """FSDP2 (ZeRO-3) under torchrun: each decoder layer, then the rest, split across the ranks;
+    weights, gradients and AdamW's m and v are each rank's shard. One process: nothing."""
+    if rank_and_world()[1] == 1:
+        return
     for layer in model.get_decoder().layers:
         fully_shard(layer)
     fully_shard(model)
@@ -1710,7 +1815,7 @@ def whole(model):
     return copy.eval()
 
 
-# --- Plumbing: arguments, checked before anything runs ---
+# --- Flags, checked before anything runs, and a folder's settings ---
 def given_flags(argv):
     """Names of the flags written on the command line ('--name value' or '--name=value')."""
     return {arg[2:].split("=")[0] for arg in argv if arg.startswith("--")}
@@ -1730,7 +1835,7 @@ def parse_args(argv=None):
         for name, value in overrides.items():
             if enabled and name not in given:
                 setattr(args, name, value)
-    check_ranges(args)
+    check_args(args)
     check_method(args, given)
     if args.output_dir is not None and Path(args.output_dir).exists() and not Path(
             args.output_dir).is_dir():
@@ -1741,39 +1846,38 @@ def parse_args(argv=None):
     return args
 
 
-AT_LEAST = {"iterations": 1, "num_prompts": 1, "num_samples": 2, "max_new_tokens": 1,
-            "max_length": 2, "batch_size": 1, "grad_accum": 1, "epochs": 1, "score_batch_size": 2,
-            "judge_pairs": 1, "length_reg_from": 1, "sft_epochs": 0, "sft_examples": 0,
-            "prompt_offset": 0, "seed": 0, "sft_lr": 0, "lr": 0, "alpha": 0, "length_reg": 0,
-            "eval_limit": 0}
-ABOVE_ZERO = ("temperature", "beta", "max_grad_norm")
+def must_be(value, valid):
+    """What value must be to lie in valid ('[1,inf)', '(0,1]', '{a,b}'), None if it does."""
+    if valid.startswith("{"):
+        choices = valid[1:-1].split(",")
+        return None if value in choices else f"{', '.join(choices[:-1])} or {choices[-1]}"
+    if not math.isfinite(value):
+        return "a finite number"
+    low, high = valid[1:-1].split(",")
+    above = value > float(low) if valid[0] == "(" else value >= float(low)
+    below = value < float(high) if valid[-1] == ")" else value <= float(high)
+    if above and below:
+        return None
+    if high == "inf":
+        return f"{'above' if valid[0] == '(' else 'at least'} {low}"
+    return f"in {valid[0]}{low}, {high}{valid[-1]}"
 
 
-def check_ranges(args):
-    """Every number finite and within its range: a one-line error names the flag."""
-    for f in fields(args):
-        value = getattr(args, f.name)
-        if isinstance(value, float) and not math.isfinite(value):
-            fail(f"--{f.name} must be a finite number, got {value}")
-    for name, low in AT_LEAST.items():
-        if getattr(args, name) < low:
-            fail(f"--{name} must be at least {low}, got {getattr(args, name)}")
-    for name in ABOVE_ZERO:
-        if getattr(args, name) <= 0:
-            fail(f"--{name} must be above 0, got {getattr(args, name)}")
-    for name in ("sft_lr", "lr"):  # AdamW moves each weight by about lr a step: above 1 is a typo
-        if getattr(args, name) > 1:
-            fail(f"--{name} must be at most 1, got {getattr(args, name)}")
-    for name, low, high, closed in (("top_p", 0, 1, "(0, 1]"), ("tau", 0.5, 1, "[0.5, 1)"),
-                                    ("warmup_ratio", 0, 1, "[0, 1)")):
-        value = getattr(args, name)
-        if not (low < value <= high if closed[0] == "(" else low <= value < high):
-            fail(f"--{name} must be in {closed}, got {value}")
+def check_args(args):
+    """Every flag within the values Args gives it, and the flags that bound each other."""
+    for f in fields(Args):
+        value, valid = getattr(args, f.name), f.metadata.get("metavar")
+        what = None if value is None or valid is None else must_be(value, valid)
+        if what:
+            shown = repr(value) if isinstance(value, str) else value
+            fail(f"--{f.name} must be {what}, got {shown}")
     if args.max_length <= args.max_new_tokens:
         fail(f"--max_length {args.max_length} leaves no room for a prompt with --max_new_tokens "
              f"{args.max_new_tokens}")
-    if args.dtype not in ("auto", "bfloat16", "float32"):
-        fail(f"--dtype must be auto, bfloat16 or float32, got {args.dtype!r}")
+    world = rank_and_world()[1]
+    if args.grad_accum % world:
+        fail(f"--grad_accum {args.grad_accum} must be a multiple of the {world} processes (each "
+             f"takes the same share of a step)")
 
 
 def check_method(args, given):
@@ -1833,116 +1937,11 @@ def check_same_settings(out, args, data_sha256):
     write_text(path, json.dumps(asdict(args) | {"data_sha256": data_sha256}, indent=1))
 
 
-# --- Plumbing: everything checked before the first file is written ---
-def prepare(args, out):
-    """Data, tokenizer and models checked, the prompt pool of each iteration, then args.json ->
-    (tokenizer, identifier ids, SFT rows, judge rows, [(pool, too long)], RewardBench pairs,
-    test questions)."""
-    if args.demo:
-        args.model, args.data_dir = build_demo(out)
-    sft_rows, judge_rows, prompt_rows = load_data(args)
-    data = json.dumps([sft_rows, judge_rows, prompt_rows]).encode()
-    bench_rows = load_reward_bench(args) if args.eval_reward_bench else None
-    random.Random(args.seed).shuffle(prompt_rows)  # the same for every run with this --seed
-    prompt_rows = prompt_rows[args.prompt_offset:]
-    if len(prompt_rows) < args.iterations * args.num_prompts:
-        say(f"note: {len(prompt_rows)} prompts for {args.iterations} x {args.num_prompts}: "
-            f"each iteration gets {len(prompt_rows) // args.iterations}")
-    per_iteration = min(args.num_prompts, len(prompt_rows) // args.iterations)
-    if per_iteration == 0:
-        fail(f"{len(prompt_rows)} prompts cannot be shared by {args.iterations} iterations")
-    tokenizer = load_tokenizer(args.model)
-    try:
-        identifier_ids = identifier_token_ids(tokenizer)
-    except ValueError as e:
-        fail(str(e))
-    check_models(args, tokenizer)
-    pools = iteration_pools(tokenizer, prompt_rows, per_iteration, args)
-    bench = reward_bench_pairs(tokenizer, bench_rows, args) if args.eval_reward_bench else None
-    tests = eval_questions(tokenizer, load_eval_data(args), args) if args.evaluate else None
-    check_same_settings(out, args, hashlib.sha256(data).hexdigest())  # from here on, files
-    return tokenizer, identifier_ids, sft_rows, judge_rows, pools, bench, tests
-
-
-def eval_questions(tokenizer, tests, args):
-    """The test questions scored (each task's first --eval_limit), each leaving room to reply."""
-    scored, seen = [], {}
-    for number, row in enumerate(tests, 1):
-        seen[row["task"]] = seen.get(row["task"], 0) + 1
-        if args.eval_limit and seen[row["task"]] > args.eval_limit:
-            continue
-        if len(encode(tokenizer, eval_prompt(row))) > args.max_length - args.max_new_tokens:
-            fail(f"eval row {number} (task {row['task']}): the question is longer than "
-                 f"--max_length - --max_new_tokens")
-        scored.append(row)
-    return scored
-
-
-def iteration_pools(tokenizer, prompt_rows, per_iteration, args):
-    """Each iteration's fresh prompts, without those too long to sample -> [(pool, left out)]."""
-    pools = []
-    for t in range(args.iterations):
-        pool, too_long = [], 0
-        for j, row in enumerate(prompt_rows[t * per_iteration: (t + 1) * per_iteration]):
-            if len(encode(tokenizer, row["prompt"])) > args.max_length - args.max_new_tokens:
-                too_long += 1
-            else:
-                pool.append({"id": f"{t + 1}-{j}", "prompt": row["prompt"]})
-        if not pool:
-            fail(f"every prompt of iteration {t + 1} is longer than --max_length - "
-                 f"--max_new_tokens")
-        pools.append((pool, too_long))
-    return pools
-
-
-def check_models(args, tokenizer):
-    """The tokenizer fits every model of the run, and the judge's template fits --max_length."""
-    check_vocabulary(args.model, tokenizer, "--model")
-    if args.global_reference not in (None, args.model):
-        check_vocabulary(args.global_reference, tokenizer, "--global_reference")
-        probe = chat_prompt(tokenizer, judge_prompts("Any question?", "One answer.",
-                                                     "Another one.")[0][0])
-        reference = load_tokenizer(args.global_reference)
-        if (len(reference) != len(tokenizer)
-                or reference(probe).input_ids != tokenizer(probe).input_ids):
-            fail(f"--global_reference {args.global_reference!r} has another tokenizer than "
-                 f"--model: Eq. 4 needs both to give the same token ids")
-    if args.method == "external":
-        reward_model_tokenizer(args.reward_model)
-        config = AutoConfig.from_pretrained(args.reward_model)
-        if config.num_labels != 1 or not any(a.endswith("ForSequenceClassification")
-                                             for a in config.architectures or []):
-            fail(f"--reward_model {args.reward_model!r} is not a reward model (a sequence "
-                 f"classifier with one output)")
-    if args.method == "scir":  # the pairwise prompts, read after '[['
-        templates, prefix = [text for text, _ in judge_prompts("", "", "")], ANSWER_PREFIX
-    else:  # Table 6's prompt, answered by a sampled judgement
-        templates, prefix = [fill_pointwise("", "")], ""
-    overhead = max(len(encode(tokenizer, text, answer_prefix=prefix)) for text in templates)
-    if args.max_length < overhead + 2:
-        fail(f"--max_length {args.max_length} cannot hold the judge prompt: its template alone "
-             f"takes {overhead} tokens")
-
-
-# --- Plumbing: the demo, a tiny random Llama and a byte-level BPE built here, offline ---
-DEMO_DATA = [
-    ("Name a primary color.", "Red is a primary color.", "Cats like milk."),
-    ("What is 2 + 3?", "2 + 3 = 5.", "2 + 3 = 7."),
-    ("Give a synonym for happy.", "Glad is a synonym for happy.", "Sad."),
-    ("What do bees make?", "Bees make honey.", "Bees make cars."),
-    ("Translate 'hola' to English.", "'Hola' means hello.", "'Hola' means goodbye."),
-    ("What is the capital of France?", "The capital of France is Paris.", "Berlin."),
-    ("How many legs does a spider have?", "A spider has eight legs.", "Two."),
-    ("What is the opposite of cold?", "The opposite of cold is hot.", "Cold."),
-    ("Which planet is called the red planet?", "Mars is called the red planet.", "The Moon."),
-    ("What gas do plants take in?", "Plants take in carbon dioxide.", "Plants take in gold."),
-    ("What is 10 minus 4?", "10 minus 4 is 6.", "10 minus 4 is 9."),
-    ("Name a mammal that can fly.", "The bat is a mammal that can fly.", "The fish."),
-    ("What freezes at zero degrees Celsius?", "Water freezes at zero degrees Celsius.", "Fire."),
-    ("How many days are in a week?", "A week has seven days.", "A week has ten days."),
-    ("What color is the sky on a clear day?", "The sky is blue on a clear day.", "Green."),
-    ("Who wrote Hamlet?", "William Shakespeare wrote Hamlet.", "Nobody."),
-]
+# --- The demo: a tiny random Llama and a byte-level BPE built here, offline ---
+# --demo's settings where the command line gives none: a 2-core CPU finishes in about a minute
+DEMO = dict(iterations=3, num_prompts=8, num_samples=4, sft_examples=16, judge_pairs=8,
+            max_new_tokens=24, max_length=640, sft_epochs=3, sft_lr=3e-3, lr=3e-4, epochs=1,
+            length_reg_from=3, batch_size=2, grad_accum=2, score_batch_size=16, dtype="float32")
 
 
 def build_demo(out):

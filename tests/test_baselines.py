@@ -54,8 +54,9 @@ def test_no_adaptive_reference_uses_the_local_reference_only():
     q = torch.tensor([0.2])
     policy_margin = 0.0 - 1.0  # log pi(y2) - log pi(y1)
     p_irm = scir.implicit_preference(policy_1, policy_2, global_1, global_2, beta)
-    # the ablation as scir_batch_loss composes it: the local log-probs in the global reference's place too
-    only_local = scir.scir_loss(policy_1, policy_2, p_irm, q, local_1, local_2, local_1, local_2, beta, 0.0, 0.7)
+    # the ablation: the global log-probs are given but not used as a reference
+    only_local = scir.scir_loss(policy_1, policy_2, p_irm, q, local_1, local_2, global_1, global_2, beta, 0.0, 0.7,
+                                adaptive_reference=False)
     adaptive = eq7(policy_1, policy_2, global_1, global_2, local_1, local_2, q, beta, 0.0, 0.7)
     assert only_local["agree"].item() == adaptive["agree"].item() == 1.0
     assert only_local["loss"].item() == pytest.approx(math.log(1 + math.exp(-beta * (policy_margin + 5.0))), rel=1e-6)
@@ -170,8 +171,8 @@ def test_ablation_from_a_later_model_samples_that_iterations_prompts(tmp_path, t
 
 
 def test_no_adaptive_reference_reaches_the_loss(monkeypatch, tmp_path, tiny_model_dir, data_dir):
-    """With the flag, Appendix A's maximum only ever sees the local reference (in both places, so it
-    is the local ratio); without it, the global reference's log-probs, which differ from M0's."""
+    """With the flag, Appendix A's maximum is never taken (DPO keeps M_t's ratio); without it, it
+    sees the global reference's log-probs, which differ from M0's."""
     original, calls = scir.adaptive_reference_logratio, []
 
     def recording(local_chosen, local_rejected, global_chosen, global_rejected):
@@ -180,8 +181,7 @@ def test_no_adaptive_reference_reaches_the_loss(monkeypatch, tmp_path, tiny_mode
     monkeypatch.setattr(scir, "adaptive_reference_logratio", recording)
     command = ["--model", tiny_model_dir, "--data_dir", data_dir, *map(str, SCIR_SMALL)]
     scir.main(command + ["--output_dir", str(tmp_path / "ablation"), "--no_adaptive_reference"])
-    assert calls and all(calls)
-    calls.clear()
+    assert calls == []
     scir.main(command + ["--output_dir", str(tmp_path / "full")])
     assert calls and not any(calls)
 
@@ -462,9 +462,9 @@ def test_scir_srlm_baseline_follows_the_judge_scores(monkeypatch, tmp_path, tiny
     monkeypatch.setattr(scir, "parse_score", lambda text: float(len(text) % 5))
     original, judges = scir.judge_samples, []  # the weights of the model behind each call, and what it judged
 
-    def recording(model, tokenizer, rows, args, seed):
+    def recording(model, tokenizer, rows, args):
         judges.append((model.get_input_embeddings().weight.detach().clone(), len(rows[0]["samples"])))
-        return original(model, tokenizer, rows, args, seed)
+        return original(model, tokenizer, rows, args)
     monkeypatch.setattr(scir, "judge_samples", recording)
     out = tmp_path / "run"
     scir.main(["--model", tiny_model_dir, "--data_dir", data_dir, "--output_dir", str(out), "--method", "srlm",
@@ -785,7 +785,7 @@ def test_cream_hub_loader_on_rows_shaped_like_the_hub(monkeypatch):
         rows = oasst if repo == "OpenAssistant/oasst1" else [tasks[repo, name](f"{repo} {name} {split}?")]
         return datasets.Dataset.from_list(rows)
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
-    sft, pool, tests = cream.load_hub_data(evaluate=True)
+    sft, pool, tests = cream.load_hub_data(cream.parse_args(["--evaluate"]))
     assert sft == [{"prompt": "Why is the sky blue?", "response": "Rayleigh scattering."}]
     questions = [row["prompt"].splitlines()[0] for row in pool[1:]]
     assert pool[0] == {"prompt": "Why is the sky blue?"} and len(pool) == 6

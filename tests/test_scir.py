@@ -527,8 +527,8 @@ def test_scir_batch_loss_gradients_reach_the_policy(model, tok, ids_mM, term):
         targets.append(y1_wins)
 
     loss_fn = scir.scir_batch_loss(args, tok, ids_mM, 0.0)
-    metrics = loss_fn(judge, pairs)
-    scir.backward(judge, metrics, 1.0)  # as train does: one backward per forward pass
+    metrics, detached = loss_fn(judge, pairs)
+    scir.backward(judge, metrics["loss"], detached)  # as train does: one backward per forward pass
     code = grads(model)
     model.zero_grad(set_to_none=True)
     assert metrics["dcpo_fraction"].item() == (1.0 if dpo_term else 0.0)

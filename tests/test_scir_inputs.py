@@ -184,11 +184,11 @@ def test_non_finite_loss_and_gradients_stop_training(monkeypatch, tiny_model_dir
     real_loss = scir.sft_loss
 
     def nan_loss(model, batch):
-        return {"loss": real_loss(model, batch)["loss"] * float("nan")}
+        return {"loss": real_loss(model, batch)[0]["loss"] * float("nan")}, []
 
     def nan_gradient(model, batch):  # sqrt at 0: the value stays finite, its derivative does not
         weight = model.lm_head.weight.view(-1)[0]
-        return {"loss": real_loss(model, batch)["loss"] + (weight * 0).abs().sqrt()}
+        return {"loss": real_loss(model, batch)[0]["loss"] + (weight * 0).abs().sqrt()}, []
     for loss_fn, what, out in ((nan_loss, "the loss became nan at micro-batch 0", "a"),
                                (nan_gradient, "the gradients became non-finite at micro-batch 0", "b")):
         monkeypatch.setattr(scir, "sft_loss", loss_fn)

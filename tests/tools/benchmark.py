@@ -109,7 +109,7 @@ def training_step(model, kind, length, pairs, vocab, state, device, generator):
         p_irm = scir.implicit_preference(copies[0][:, 0], copies[0][:, 1], ref[:, 0], ref[:, 1], 0.1)
         loss = scir.scir_loss(copies[0][:, 0], copies[0][:, 1], p_irm, copies[1], ref[:, 0], ref[:, 1],
                               ref[:, 0], ref[:, 1], 0.1, 1.0, 0.7)["loss"].mean()
-        scir.backward(model, {"loss": loss, "detached": [((logps,), copies[:1]), ((p_grm,), copies[1:])]}, 1.0)
+        scir.backward(model, loss, [((logps,), copies[:1]), ((p_grm,), copies[1:])])
     script.adamw_step([p for p in model.parameters()], state, 1e-6)
     model.zero_grad(set_to_none=True)
     return (2 + (4 if kind == "scir" else 0)) * pairs * length  # tokens through the model
