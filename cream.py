@@ -32,50 +32,62 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, Gener
                           HfArgumentParser)
 from transformers.generation.configuration_utils import ContinuousBatchingConfig
 from transformers.hf_argparser import HfArg
+from transformers.utils import logging as hf_logging
 
-from prompts import chat_prompt, fill_pointwise, reply_format, token_ids
+from prompts import (DEMO_DATA, answer_kind, chat_prompt, eval_prompt, extract_answer,
+                     fill_pointwise, is_correct, parse_score, reply_format, token_ids)
 
 
-# --- Settings: every flag with its paper default and where the number comes from ---
+# ======== The paper: Args, the equations, Algorithm 1 and its steps ========
+# --- Settings: every flag, its paper default, its valid values and where the number comes from ---
+def flag(default, valid, help):
+    """A field of Args: its default, its valid values and what it does. valid ('[1,inf)',
+    '(0,1]', '{a,b,c}' or None) is argparse's metavar, so --help shows it, and check_args
+    checks it."""
+    return HfArg(default=default, help=help, metadata={"metavar": valid} if valid else None)
+
+
 @dataclass
 class Args:
     # Paper hyperparameters: section 4.1, else the official code (README: Departures)
-    model: str = HfArg(default="meta-llama/Meta-Llama-3-8B-Instruct", help=(
+    model: str = flag("meta-llama/Meta-Llama-3-8B-Instruct", None, (
         "M0, a Hub id or folder (4.1: Llama-3 and Llama-2 at 7B/8B; official code: Instruct)"))
-    iterations: int = HfArg(default=2, help="T iterations after SFT: M2 and M3 (Table 1)")
-    num_prompts: int = HfArg(default=10500, help="prompts an iteration: D_U's 21K over 2 (4.1)")
-    num_samples: int = HfArg(default=5, help="N responses a prompt, at least 2 (official code)")
-    temperature: float = HfArg(default=0.8, help="sampling temperature (4.1)")
-    top_p: float = HfArg(default=0.95, help="nucleus sampling (official code)")
-    sft_epochs: int = HfArg(default=3, help="SFT epochs (4.1; official: 5); 0 only for p-srlm")
-    sft_lr: float = HfArg(default=1e-6, help="SFT learning rate (4.1; official code: 5e-6)")
-    epochs: int = HfArg(default=1, help="preference-training epochs an iteration (4.1)")
-    lr: float = HfArg(default=1e-6, help="preference-training learning rate (4.1)")
-    beta: float = HfArg(default=0.1, help="DPO beta (4.1)")
-    warmup_ratio: float = HfArg(default=0.1, help="linear warmup share, then cosine (official)")
-    max_grad_norm: float = HfArg(default=1.0, help="gradient clipping (official code)")
+    iterations: int = flag(2, "[1,inf)", "T iterations after SFT: M2 and M3 (Table 1)")
+    num_prompts: int = flag(10500, "[1,inf)", "prompts an iteration: D_U's 21K over 2 (4.1)")
+    num_samples: int = flag(5, "[2,inf)", "N responses a prompt, at least 2 (official code)")
+    temperature: float = flag(0.8, "(0,inf)", "sampling temperature (4.1)")
+    top_p: float = flag(0.95, "(0,1]", "nucleus sampling (official code)")
+    sft_epochs: int = flag(3, "[0,inf)", "SFT epochs (4.1; official: 5); 0 only for p-srlm")
+    # a learning rate above 1 is a typo: AdamW moves a weight by ~lr a step
+    sft_lr: float = flag(1e-6, "[0,1]", "SFT learning rate (4.1; official code: 5e-6)")
+    epochs: int = flag(1, "[1,inf)", "preference-training epochs an iteration (4.1)")
+    lr: float = flag(1e-6, "[0,1]", "preference-training learning rate (4.1)")
+    beta: float = flag(0.1, "(0,inf)", "DPO beta (4.1)")
+    warmup_ratio: float = flag(0.1, "[0,1)", "linear warmup share, then cosine (official)")
+    max_grad_norm: float = flag(1.0, "(0,inf)", "gradient clipping (official code)")
     # Data and lengths
-    data_dir: str = HfArg(default=None, help="read sft.jsonl, prompts.jsonl here, not the Hub")
-    output_dir: str = HfArg(default=None, help="default runs/cream-<model name>; a rerun resumes")
-    demo: bool = HfArg(default=False, help="offline: tiny random model, built-in data (flags win)")
-    max_new_tokens: int = HfArg(default=768, help="longest sampled response (official code)")
-    max_length: int = HfArg(default=2048, help="prompt + response (official code); longer: skipped")
+    data_dir: str = flag(None, None, "read sft.jsonl, prompts.jsonl here, not the Hub")
+    output_dir: str = flag(None, None, "default runs/cream-<model name>; a rerun resumes")
+    demo: bool = flag(False, None, "offline: tiny random model, built-in data (flags win)")
+    max_new_tokens: int = flag(768, "[1,inf)", "longest sampled response (official code)")
+    max_length: int = flag(2048, "[2,inf)", "prompt + response (official code); longer: skipped")
     # Method and ablations
-    method: str = HfArg(default="cream", help=(
+    method: str = flag("cream", "{cream,srlm,p-srlm}", (
         "cream; baselines with C = 1: srlm (Table 1), p-srlm ranks by a judge's scores (Table 6)"))
-    consistency_measure: str = HfArg(default="kendall", help=(
+    consistency_measure: str = flag("kendall", "{kendall,spearman,toporder}", (
         "C from kendall (Eq. 3.10), spearman or toporder (Table 4; chance gives C = 0.5)"))
-    consistency_scope: str = HfArg(default="dataset", help=(
+    consistency_scope: str = flag("dataset", "{dataset,pair}", (
         "dataset: one C (line 11); pair: each pair's own (tau + 1) / 2 (official code's 'dyn')"))
     # Analyses and evaluation
-    evaluate: bool = HfArg(default=False, help="exact match of M0..M_T+1 on five tasks (Table 1)")
-    eval_limit: int = HfArg(default=None, help="score only the first N questions of each task")
+    evaluate: bool = flag(False, None, "exact match of M0..M_T+1 on five tasks (Table 1)")
+    eval_limit: int = flag(None, "[1,inf)", "score only the first N questions of each task")
     # Hardware and batching
-    batch_size: int = HfArg(default=2, help="SFT sequences or DPO pairs a forward pass")
-    grad_accum: int = HfArg(default=16, help="micro-batches a step: 2 x 16 = 32 (official code)")
-    score_batch_size: int = HfArg(default=16, help="sequences a no-grad scoring pass")
-    dtype: str = HfArg(default="auto", help="auto (bfloat16 on a GPU), bfloat16 or float32")
-    seed: int = HfArg(default=42, help="same seed, same run")
+    batch_size: int = flag(2, "[1,inf)", "SFT sequences or DPO pairs a forward pass")
+    grad_accum: int = flag(16, "[1,inf)", "micro-batches a step: 2 x 16 = 32 (official code)")
+    score_batch_size: int = flag(16, "[1,inf)", "sequences a no-grad scoring pass")
+    dtype: str = flag("auto", "{auto,bfloat16,float32}", (
+        "auto (bfloat16 on a GPU), bfloat16 or float32"))
+    seed: int = flag(42, "[0,inf)", "same seed, same run")
 
 
 # --- Eq. 3.9, lines 6 and 8: the implicit DPO reward ---
@@ -139,245 +151,6 @@ def soft_dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
     return consistency * dpo + (1 - consistency) * reversed_dpo
 
 
-# --- Beyond Eq. 3.10: Spearman and TopOrder (Table 2), and C from them (Table 4) ---
-def average_ranks(x):
-    """[N] -> [N] ranks from 1, ties sharing their mean rank."""
-    less = (x[None, :] < x[:, None]).sum(1)
-    equal = (x[None, :] == x[:, None]).sum(1)
-    return less.double() + (equal + 1) / 2
-
-
-def spearman_rho(x, y):
-    """Spearman correlation of [N], [N] -> float: Pearson on average ranks, 0 if one is constant."""
-    rx = average_ranks(torch.as_tensor(x, dtype=torch.float64))
-    ry = average_ranks(torch.as_tensor(y, dtype=torch.float64))
-    rx, ry = rx - rx.mean(), ry - ry.mean()
-    norm = (rx.square().sum() * ry.square().sum()).sqrt()
-    return (rx * ry).sum().div(norm).item() if norm > 0 else 0.0
-
-
-def top_order(x, y):
-    """TopOrder (section 4.3.1) of [N], [N] -> 1.0 iff both pick the same best and worst."""
-    x, y = torch.as_tensor(x), torch.as_tensor(y)
-    return float(x.argmax() == y.argmax() and x.argmin() == y.argmin())
-
-
-def top_order_consistency(top_order_rate, n):
-    """TopOrder rate T of N responses -> C = (1 + kappa) / 2, kappa = (T - p0) / (1 - p0): chance
-    (p0 = 1 / (N (N - 1)), same best and worst) gives C = 0.5, as line 11's (tau + 1) / 2 does."""
-    p0 = 1 / (n * (n - 1))
-    return (1 + (top_order_rate - p0) / (1 - p0)) / 2
-
-
-def measured_consistency(reward_rows, measure):
-    """Line 11 with Table 4's measures: mean (tau+1)/2, mean (rho+1)/2 or corrected TopOrder."""
-    if measure == "toporder":
-        values = [top_order_consistency(row["top_order"], len(row["r"])) for row in reward_rows]
-        return sum(values) / len(values)
-    key = "tau" if measure == "kendall" else "spearman"
-    return consistency_rate([row[key] for row in reward_rows])
-
-
-# --- Model-facing pieces: token ids, log-probs through a float32 head, losses, sampling ---
-def encode(tokenizer, prompt, response=None):
-    """Ids of the chat-formatted prompt and, for SFT, of the response and the end of turn
-    (prompts.reply_format), tokenized after the prompt as the model saw it."""
-    text = chat_prompt(tokenizer, prompt)
-    prompt_ids = token_ids(tokenizer, text)
-    if response is None:
-        return prompt_ids
-    lead, end = reply_format(tokenizer)
-    joint_ids = token_ids(tokenizer, text + lead + response + end)
-    if joint_ids[: len(prompt_ids)] == prompt_ids:  # else the tokenizer merged across the boundary
-        return prompt_ids, joint_ids[len(prompt_ids):]
-    return prompt_ids, token_ids(tokenizer, response + end)
-
-
-def cut_to_fit(prompt_ids, response_ids, max_length):
-    """(prompt_ids, response_ids) in max_length tokens: the prompt whole, the response cut."""
-    return prompt_ids, response_ids[: max_length - len(prompt_ids)]
-
-
-def collate(sequences, pad_id):
-    """[(prompt_ids, response_ids)] -> right-padded input_ids, attention_mask, labels [B, L]."""
-    width = max(len(p) + len(r) for p, r in sequences)
-    input_ids = torch.full((len(sequences), width), pad_id)
-    attention_mask = torch.zeros(len(sequences), width, dtype=torch.long)
-    labels = torch.full((len(sequences), width), -100)  # -100 off the response
-    for row, (p, r) in enumerate(sequences):
-        input_ids[row, : len(p) + len(r)] = torch.tensor(p + r)
-        attention_mask[row, : len(p) + len(r)] = 1
-        labels[row, len(p): len(p) + len(r)] = torch.tensor(r)
-    return input_ids, attention_mask, labels
-
-
-VOCAB_SLICE = 8192  # LM-head rows a float32 slice: [N, 8192] blocks, never [N, V]
-
-
-class TokenLogps(torch.autograd.Function):
-    """log pi(target) = logit[target] - logsumexp(logits), logits = hidden @ weight^T (+ bias) in
-    float32, VOCAB_SLICE head rows at a time, and recomputed so in backward: no [N, V] tensor or
-    float32 copy of the head exists (README: 'One 80 GB GPU'). d logp / d logits = onehot - softmax.
-    hidden [N, H], weight [V, H], bias [V] or None, targets [N] -> [N] float32."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, targets):
-        h = hidden.float()
-        lse = torch.full((h.shape[0],), float("-inf"), device=h.device)
-        target_logits = torch.zeros_like(lse)
-        for start in range(0, weight.shape[0], VOCAB_SLICE):
-            rows = slice(start, start + VOCAB_SLICE)
-            logits = h @ weight[rows].float().T  # [N, VOCAB_SLICE]
-            if bias is not None:
-                logits += bias[rows].float()
-            lse = torch.logaddexp(lse, logits.logsumexp(-1))
-            inside = (targets >= start) & (targets < start + logits.shape[1])
-            column = (targets - start).clamp(0, logits.shape[1] - 1)[:, None]
-            target_logits += logits.gather(1, column).squeeze(1) * inside
-        ctx.save_for_backward(hidden, weight, bias, targets, lse)
-        return target_logits - lse
-
-    @staticmethod
-    def backward(ctx, grad):  # grad [N]
-        hidden, weight, bias, targets, lse = ctx.saved_tensors
-        h = hidden.float()
-        grad_hidden, grad_weight = torch.zeros_like(h), torch.empty_like(weight)
-        grad_bias = None if bias is None else torch.empty_like(bias)
-        for start in range(0, weight.shape[0], VOCAB_SLICE):
-            rows = slice(start, start + VOCAB_SLICE)
-            w = weight[rows].float()
-            logits = h @ w.T
-            if bias is not None:
-                logits += bias[rows].float()
-            grad_logits = (logits - lse[:, None]).exp_().mul_(-grad[:, None])  # -softmax * grad
-            inside = (targets >= start) & (targets < start + w.shape[0])
-            column = (targets - start).clamp(0, w.shape[0] - 1)[:, None]
-            grad_logits.scatter_add_(1, column, (grad * inside)[:, None])  # + onehot * grad
-            grad_hidden.addmm_(grad_logits, w)
-            grad_weight[rows] = grad_logits.T @ h
-            if bias is not None:
-                grad_bias[rows] = grad_logits.sum(0)
-        return grad_hidden.to(hidden.dtype), grad_weight, grad_bias, None
-
-
-def token_logps(hidden, targets, head):
-    """log pi(target) through a float32 LM head: hidden [N, H], targets [N] -> [N] float32."""
-    return TokenLogps.apply(hidden, head.weight, head.bias, targets)
-
-
-def sequence_logps(model, input_ids, attention_mask, response_mask):
-    """Summed log pi(y|x) over the response tokens: [B, L] x3 -> [B] float32. The head runs in
-    float32 only where a position predicts a response token. Needs get_decoder() and
-    get_output_embeddings() (any transformers causal LM; else take output_hidden_states[-1]);
-    logits scaled or capped after the head (Gemma 2, Cohere) need that step in token_logps."""
-    predicts_response = torch.nn.functional.pad(response_mask[:, 1:].bool(), (0, 1))  # p: p + 1
-    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # left or right padding
-    hidden = decoder_states(model, input_ids=input_ids, attention_mask=attention_mask,
-                            position_ids=position_ids)[predicts_response]  # [N, H]
-    targets = input_ids[:, 1:][response_mask[:, 1:].bool()]
-    logps = token_logps(hidden, targets, model.get_output_embeddings())
-    rows = predicts_response.nonzero()[:, 0]
-    return torch.zeros(input_ids.shape[0], device=hidden.device).index_add(0, rows, logps)
-
-
-def decoder_states(model, **inputs):
-    """The decoder's last hidden states [B, L, H]. A model sharded by FSDP2 (several GPUs) gathers
-    its embedding and head only in its own forward, so that runs, with the head at one position."""
-    if not isinstance(model, FSDPModule):
-        return model.get_decoder()(**inputs, use_cache=False).last_hidden_state
-    states = []
-
-    def keep(module, args, output):
-        states.append(output.last_hidden_state)
-    hook = model.get_decoder().register_forward_hook(keep)
-    model(**inputs, use_cache=False, logits_to_keep=1)
-    hook.remove()
-    return states[0]
-
-
-def collated_logps(model, batch):
-    """sequence_logps of a collate() batch, moved to the model's device -> [B] float32."""
-    input_ids, attention_mask, labels = (t.to(model.device) for t in batch)
-    return sequence_logps(model, input_ids, attention_mask, labels != -100)
-
-
-@torch.no_grad()
-def score_logps(model, sequences, pad_id, batch_size, desc):
-    """Summed response log-probs of [(prompt_ids, response_ids)] -> [float], batched by length."""
-    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i][0]) + len(sequences[i][1]))
-    logps = [0.0] * len(sequences)
-    for start in tqdm(range(0, len(order), batch_size), desc=desc):
-        chunk = order[start: start + batch_size]
-        values = collated_logps(model, collate([sequences[i] for i in chunk], pad_id))
-        for i, value in zip(chunk, values.tolist()):
-            logps[i] = value
-    return logps
-
-
-def sft_loss(model, batch):
-    """Line 2 on a collate() batch: mean negative log-likelihood of the response tokens."""
-    return {"loss": -collated_logps(model, batch).sum() / (batch[2] != -100).sum()}
-
-
-def dpo_batch_loss(args, tokenizer):
-    """loss_fn(model, pairs) for train: Eq. 3.7, chosen and rejected in one forward pass."""
-    def loss_fn(model, batch):
-        sequences = [p["chosen_sequence"] for p in batch] + [p["rejected_sequence"] for p in batch]
-        logps = collated_logps(model, collate(sequences, tokenizer.pad_token_id))
-        chosen, rejected = logps.split(len(batch))
-        ref_chosen, ref_rejected, consistency = (
-            torch.tensor([p[key] for p in batch], device=model.device)
-            for key in ("ref_chosen_logp", "ref_rejected_logp", "consistency"))
-        losses = soft_dpo_loss(chosen, rejected, ref_chosen, ref_rejected, args.beta, consistency)
-        margin = args.beta * ((chosen - ref_chosen) - (rejected - ref_rejected)).detach()
-        return {"loss": losses.mean(), "reward_accuracy": (margin > 0).float().mean(),
-                "reward_margin": margin.mean()}
-    return loss_fn
-
-
-def cache_config(model, num_requests, longest):
-    """generate_batch sizes its KV cache from free memory: ~15 GB on CPU, so there, to the work."""
-    if model.device.type != "cpu":
-        return None
-    return ContinuousBatchingConfig(num_blocks=num_requests * math.ceil(longest / 256),
-                                    max_batch_tokens=512)
-
-
-@torch.no_grad()
-def sample_responses(model, tokenizer, prompts, args, greedy=False, num_samples=None):
-    """N samples a prompt (or a greedy reply) with generate_batch -> per prompt
-    [{"response", "token_ids", "finished"}], the ids as sampled, stop token included."""
-    if model.device.type == "cpu":  # it logs that psutil is missing on every CPU call
-        logging.getLogger("ContinuousBatchingLogger").setLevel(logging.CRITICAL)
-    model_eos = model.generation_config.eos_token_id  # Llama-3-Instruct: two stop tokens
-    if not isinstance(model_eos, list):
-        model_eos = [model_eos] if model_eos else []
-    eos_ids = {tokenizer.eos_token_id, *model_eos}
-    num_samples = 1 if greedy else num_samples or args.num_samples
-    sampling = dict(do_sample=False) if greedy else dict(
-        do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=0)
-    config = GenerationConfig(**sampling, max_new_tokens=args.max_new_tokens,
-                              num_return_sequences=num_samples, eos_token_id=sorted(eos_ids),
-                              pad_token_id=tokenizer.pad_token_id)
-    inputs = [encode(tokenizer, p) for p in prompts]
-    longest = max(map(len, inputs)) + args.max_new_tokens
-    outputs = model.generate_batch(
-        inputs=inputs, generation_config=config, progress_bar=True,
-        continuous_batching_config=cache_config(model, len(inputs) * num_samples, longest))
-    if len(outputs) != len(prompts) * num_samples:
-        fail(f"generation returned {len(outputs)} of {len(prompts) * num_samples} responses")
-    grouped = [[] for _ in prompts]
-    for request_id, output in outputs.items():  # request ids are req_<prompt index>[__child#k]
-        if output.error is not None:
-            fail(f"generation failed for request {request_id}: {output.error}")
-        tokens = list(output.generated_tokens)
-        finished = bool(tokens) and tokens[-1] in eos_ids
-        text = tokenizer.decode(tokens[:-1] if finished else tokens, skip_special_tokens=True)
-        index = int(request_id.split("__")[0].removeprefix("req_"))
-        grouped[index].append({"response": text, "token_ids": tokens, "finished": finished})
-    return grouped
-
-
 # --- Algorithm 1: SFT (line 2), then lines 5-14 for t = 1..T; each finished step is a file ---
 def main(argv=None):
     """Parse, lock --output_dir and run Algorithm 1 there; a rerun resumes from what is there."""
@@ -416,6 +189,7 @@ def main(argv=None):
         dist.destroy_process_group()
 
 
+# --- Algorithm 1's steps, in the order main takes them ---
 def run_sft(args, tokenizer, sft_rows, out):
     """Line 2: M0 -> M1 on D_S. With --sft_epochs 0 (P-SRLM only) M1 is M0 as given."""
     if args.sft_epochs == 0:
@@ -456,12 +230,9 @@ def score_samples(args, tokenizer, samples, t, out):
     models = {"t": out / f"M{t}", "0": args.model} | ({"prev": out / f"M{t - 1}"} if t > 1 else {})
     logps = {"prev": None}
     for name, path in models.items():
-        rows = cached(out / f"iter{t}" / f"logps_{name}.jsonl", sequences, (), lambda: [
-            {"logp": v} for v in data_parallel(partial(
-                score_logps, load_model(path, args), pad_id=tokenizer.pad_token_id,
-                batch_size=args.score_batch_size, desc=f"log-probs under {path}"), sequences)])
-        flat = torch.tensor([row["logp"] for row in rows], dtype=torch.float64)
-        logps[name] = flat.view(len(samples), -1)
+        values = cached_logps(out / f"iter{t}" / f"logps_{name}.jsonl", path, sequences,
+                              tokenizer, args)
+        logps[name] = torch.tensor(values, dtype=torch.float64).view(len(samples), -1)
     return logps["t"], logps["prev"], logps["0"]
 
 
@@ -474,6 +245,20 @@ def rewards_and_consistency(samples_rows, logps_t, logps_prev, logps_0):
         rows.append({"id": row["id"], "r": x, "r_prev": y, "logps_t": ref, "tau": kendall_tau(x, y),
                      "spearman": spearman_rho(x, y), "top_order": top_order(x, y)})
     return rows
+
+
+def ranking_rewards(args, tokenizer, samples, reward_rows, t, out):
+    """The rewards that rank each prompt's samples: Eq. 3.9's r, or with --method p-srlm the
+    judge's scores (iter<t>/judgements.jsonl) -> (rows, judgements without a score)."""
+    if args.method != "p-srlm":
+        return reward_rows, 0
+
+    def judge():
+        model = load_model(out / f"M{t}", args, seed=args.seed + 1000 * t + 2)
+        return judge_samples(model, tokenizer, samples, args)
+    judged = cached(out / f"iter{t}" / "judgements.jsonl", samples, ("id",), judge)
+    unusable = sum(score is None for row in judged for score in row["scores"])
+    return [dict(row, r=j["scores"]) for row, j in zip(reward_rows, judged)], unusable
 
 
 def training_consistency(args, reward_rows):
@@ -529,27 +314,188 @@ def iteration_metrics(t, consistency, samples, reward_rows, pairs, too_long, unu
     return row | {"response_length": sum(lengths) / len(lengths)}
 
 
-# --- Beyond the paper's loop: P-SRLM's reward, a judge's scores in place of Eq. 3.9 (Table 6) ---
-SCORE = re.compile(r"(?i:score)\**(?:\s*[:：=]|\s+of|\s+is)?[\s*\[<]*"
-                   r"(\d+(?:\.\d+)?(?:\s*\+\s*\d+(?:\.\d+)?)*(?:\s*=\s*\d+(?:\.\d+)?)?)"  # N, 1+1=2
-                   r"[\]>*]*(?:\s*(?:/|out of)\s*(\d+))?")  # an optional denominator
+# --- Model-facing pieces: token ids, log-probs through a float32 head, losses, sampling ---
+def encode(tokenizer, prompt, response=None):
+    """Ids of the chat-formatted prompt and, for SFT, of the response and the end of turn
+    (prompts.reply_format), tokenized after the prompt as the model saw it."""
+    text = chat_prompt(tokenizer, prompt)
+    prompt_ids = token_ids(tokenizer, text)
+    if response is None:
+        return prompt_ids
+    lead, end = reply_format(tokenizer)
+    joint_ids = token_ids(tokenizer, text + lead + response + end)
+    if joint_ids[: len(prompt_ids)] == prompt_ids:  # else the tokenizer merged across the boundary
+        return prompt_ids, joint_ids[len(prompt_ids):]
+    return prompt_ids, token_ids(tokenizer, response + end)
 
 
-def parse_score(judgement):
-    """The last 'Score: N' of a judgement, N in 0..5 ('**Score:** 4', 'score of 4', 'Score: 4/5',
-    'Score: 3 + 1 = 4' too; 'Score: 5/10' is on another scale), else None."""
-    scores = []
-    for tally, denominator in SCORE.findall(judgement):
-        if denominator and denominator != "5":
-            continue
-        total = (float(tally.split("=")[-1]) if "=" in tally
-                 else sum(float(term) for term in tally.split("+")))
-        if 0 <= total <= 5:
-            scores.append(total)
-    return scores[-1] if scores else None
+def cut_to_fit(prompt_ids, response_ids, max_length):
+    """(prompt_ids, response_ids) in max_length tokens: the prompt whole, the response cut."""
+    return prompt_ids, response_ids[: max_length - len(prompt_ids)]
 
 
-def judge_rewards(model, tokenizer, samples_rows, args):
+def collate(sequences, pad_id):
+    """[(prompt_ids, response_ids)] -> right-padded input_ids, attention_mask, labels [B, L]."""
+    width = max(len(p) + len(r) for p, r in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id)
+    attention_mask = torch.zeros(len(sequences), width, dtype=torch.long)
+    labels = torch.full((len(sequences), width), -100)  # -100 off the response
+    for row, (p, r) in enumerate(sequences):
+        input_ids[row, : len(p) + len(r)] = torch.tensor(p + r)
+        attention_mask[row, : len(p) + len(r)] = 1
+        labels[row, len(p): len(p) + len(r)] = torch.tensor(r)
+    return input_ids, attention_mask, labels
+
+
+def sequence_logps(model, input_ids, attention_mask, response_mask):
+    """Summed log pi(y|x) over the response tokens: [B, L] x3 -> [B] float32. The head runs in
+    float32 only where a position predicts a response token: token_logps computes
+    log_softmax(hidden @ head.weight.T).gather(targets) in float32, a vocabulary slice at a time
+    (plumbing: TokenLogps). Needs get_decoder() and get_output_embeddings() (any transformers
+    causal LM; else take output_hidden_states[-1]); logits scaled or capped after the head
+    (Gemma 2, Cohere) need that step in token_logps."""
+    predicts_response = torch.nn.functional.pad(response_mask[:, 1:].bool(), (0, 1))  # p: p + 1
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # left or right padding
+    hidden = decoder_states(model, input_ids=input_ids, attention_mask=attention_mask,
+                            position_ids=position_ids)[predicts_response]  # [N, H]
+    targets = input_ids[:, 1:][response_mask[:, 1:].bool()]
+    logps = token_logps(hidden, targets, model.get_output_embeddings())
+    rows = predicts_response.nonzero()[:, 0]
+    return torch.zeros(input_ids.shape[0], device=hidden.device).index_add(0, rows, logps)
+
+
+def decoder_states(model, **inputs):
+    """The decoder's last hidden states [B, L, H]."""
+    if isinstance(model, FSDPModule):  # torchrun
+        return sharded_decoder_states(model, **inputs)
+    return model.get_decoder()(**inputs, use_cache=False).last_hidden_state
+
+
+def response_logps(model, sequences, pad_id):
+    """Summed response log-probs of [(prompt_ids, response_ids)], with gradients -> [B] float32."""
+    input_ids, attention_mask, labels = (t.to(model.device) for t in collate(sequences, pad_id))
+    return sequence_logps(model, input_ids, attention_mask, labels != -100)
+
+
+@torch.no_grad()
+def batched_logps(model, sequences, pad_id, batch_size, desc):
+    """response_logps of [(prompt_ids, response_ids)] without gradients -> [float], in batches
+    of similar length; under torchrun each process scores its share (data_parallel)."""
+    model.eval()
+
+    def score(share):
+        order = sorted(range(len(share)), key=lambda i: len(share[i][0]) + len(share[i][1]))
+        logps = [0.0] * len(share)
+        for start in tqdm(range(0, len(order), batch_size), desc=desc):
+            chunk = order[start: start + batch_size]
+            values = response_logps(model, [share[i] for i in chunk], pad_id)
+            for i, value in zip(chunk, values.tolist()):
+                logps[i] = value
+        return logps
+    return data_parallel(score, sequences)
+
+
+def sft_loss(model, batch):
+    """Line 2 on a collate() batch: mean negative log-likelihood of the response tokens."""
+    input_ids, attention_mask, labels = (t.to(model.device) for t in batch)
+    response_mask = labels != -100
+    logps = sequence_logps(model, input_ids, attention_mask, response_mask)
+    return {"loss": -logps.sum() / response_mask.sum()}
+
+
+def dpo_batch_loss(args, tokenizer):
+    """loss_fn(model, pairs) for train: Eq. 3.7, chosen and rejected in one forward pass."""
+    def loss_fn(model, batch):
+        sequences = [p["chosen_sequence"] for p in batch] + [p["rejected_sequence"] for p in batch]
+        logps = response_logps(model, sequences, tokenizer.pad_token_id)
+        chosen, rejected = logps.split(len(batch))
+        ref_chosen, ref_rejected, consistency = (
+            torch.tensor([p[key] for p in batch], device=model.device)
+            for key in ("ref_chosen_logp", "ref_rejected_logp", "consistency"))
+        losses = soft_dpo_loss(chosen, rejected, ref_chosen, ref_rejected, args.beta, consistency)
+        margin = args.beta * ((chosen - ref_chosen) - (rejected - ref_rejected)).detach()
+        return {"loss": losses.mean(), "reward_accuracy": (margin > 0).float().mean(),
+                "reward_margin": margin.mean()}
+    return loss_fn
+
+
+@torch.no_grad()
+def sample_responses(model, tokenizer, prompts, args, num_samples=None, greedy=False):
+    """N samples a prompt (or a greedy reply) with generate_batch -> per prompt
+    [{"response", "token_ids", "finished"}], the ids as sampled, stop token included."""
+    if model.device.type == "cpu":  # it logs that psutil is missing on every CPU call
+        logging.getLogger("ContinuousBatchingLogger").setLevel(logging.CRITICAL)
+    model_eos = model.generation_config.eos_token_id  # Llama-3-Instruct: two stop tokens
+    if not isinstance(model_eos, list):
+        model_eos = [model_eos] if model_eos else []
+    eos_ids = {tokenizer.eos_token_id, *model_eos}
+    num_samples = 1 if greedy else num_samples or args.num_samples
+    sampling = dict(do_sample=False) if greedy else dict(
+        do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=0)
+    config = GenerationConfig(**sampling, max_new_tokens=args.max_new_tokens,
+                              num_return_sequences=num_samples, eos_token_id=sorted(eos_ids),
+                              pad_token_id=tokenizer.pad_token_id)
+    inputs = [encode(tokenizer, p) for p in prompts]
+    longest = max(map(len, inputs)) + args.max_new_tokens
+    outputs = model.generate_batch(
+        inputs=inputs, generation_config=config, progress_bar=True,
+        continuous_batching_config=cache_config(model, len(inputs) * num_samples, longest))
+    if len(outputs) != len(prompts) * num_samples:
+        fail(f"generation returned {len(outputs)} of {len(prompts) * num_samples} responses")
+    grouped = [[] for _ in prompts]
+    for request_id, output in outputs.items():  # request ids are req_<prompt index>[__child#k]
+        if output.error is not None:
+            fail(f"generation failed for request {request_id}: {output.error}")
+        tokens = list(output.generated_tokens)
+        finished = bool(tokens) and tokens[-1] in eos_ids
+        text = tokenizer.decode(tokens[:-1] if finished else tokens, skip_special_tokens=True)
+        index = int(request_id.split("__")[0].removeprefix("req_"))
+        grouped[index].append({"response": text, "token_ids": tokens, "finished": finished})
+    return grouped
+
+
+# ======== Beyond the paper: Table 2's other measures, P-SRLM, evaluation, the final table ========
+# --- Beyond Eq. 3.10: Spearman and TopOrder (Table 2), and C from them (Table 4) ---
+def average_ranks(x):
+    """[N] -> [N] ranks from 1, ties sharing their mean rank."""
+    less = (x[None, :] < x[:, None]).sum(1)
+    equal = (x[None, :] == x[:, None]).sum(1)
+    return less.double() + (equal + 1) / 2
+
+
+def spearman_rho(x, y):
+    """Spearman correlation of [N], [N] -> float: Pearson on average ranks, 0 if one is constant."""
+    rx = average_ranks(torch.as_tensor(x, dtype=torch.float64))
+    ry = average_ranks(torch.as_tensor(y, dtype=torch.float64))
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    norm = (rx.square().sum() * ry.square().sum()).sqrt()
+    return (rx * ry).sum().div(norm).item() if norm > 0 else 0.0
+
+
+def top_order(x, y):
+    """TopOrder (section 4.3.1) of [N], [N] -> 1.0 iff both pick the same best and worst."""
+    x, y = torch.as_tensor(x), torch.as_tensor(y)
+    return float(x.argmax() == y.argmax() and x.argmin() == y.argmin())
+
+
+def top_order_consistency(top_order_rate, n):
+    """TopOrder rate T of N responses -> C = (1 + kappa) / 2, kappa = (T - p0) / (1 - p0): chance
+    (p0 = 1 / (N (N - 1)), same best and worst) gives C = 0.5, as line 11's (tau + 1) / 2 does."""
+    p0 = 1 / (n * (n - 1))
+    return (1 + (top_order_rate - p0) / (1 - p0)) / 2
+
+
+def measured_consistency(reward_rows, measure):
+    """Line 11 with Table 4's measures: mean (tau+1)/2, mean (rho+1)/2 or corrected TopOrder."""
+    if measure == "toporder":
+        values = [top_order_consistency(row["top_order"], len(row["r"])) for row in reward_rows]
+        return sum(values) / len(values)
+    key = "tau" if measure == "kendall" else "spearman"
+    return consistency_rate([row[key] for row in reward_rows])
+
+
+# --- P-SRLM's reward: a judge's scores in place of Eq. 3.9 (Table 6) ---
+def judge_samples(model, tokenizer, samples_rows, args):
     """A sampled judgement of each response (prompts.fill_pointwise) and its score, per prompt."""
     prompts = [fill_pointwise(row["prompt"], s["response"])
                for row in samples_rows for s in row["samples"]]
@@ -563,83 +509,8 @@ def judge_rewards(model, tokenizer, samples_rows, args):
     return rows
 
 
-def ranking_rewards(args, tokenizer, samples, reward_rows, t, out):
-    """The rewards that rank each prompt's samples: Eq. 3.9's r, or with --method p-srlm the
-    judge's scores (iter<t>/judgements.jsonl) -> (rows, judgements without a score)."""
-    if args.method != "p-srlm":
-        return reward_rows, 0
-    judged = cached(out / f"iter{t}" / "judgements.jsonl", samples, ("id",), lambda: judge_rewards(
-        load_model(out / f"M{t}", args, seed=args.seed + 1000 * t + 2), tokenizer, samples, args))
-    unusable = sum(score is None for row in judged for score in row["scores"])
-    return [dict(row, r=j["scores"]) for row, j in zip(reward_rows, judged)], unusable
-
-
 # --- Evaluation (Table 1): greedy, zero-shot exact match on the five tasks' test questions ---
-EVAL_SUFFIX = {  # test questions only: D_U keeps the bare questions, as the paper builds it
-    "choice": "\n\nEnd your reply with 'Answer: X', where X is the letter of the correct option.",
-    "number": "\n\nSolve it step by step and end your reply with 'Answer: N', where N is the "
-              "final number."}
-NUMBER = r"-?(?:\d[\d,]*(?:\.\d+)?|\.\d+)"  # '.5' too
-# 'Answer:', 'Answer =', 'Answer -', 'answer is', '**Answer:**'; not 'Answer A would be wrong'
-STATED = r"(?i:answer)\**(?:\s*[:=-]|\s+(?i:is)\b)[\s:*]*"
-BOXED = r"\$?\\boxed\{"
-# '7 + 3 = ' before the number: the answer is the number after the last '='
-EXPRESSION = r"(?:[-+*/×÷()\d,$](?:[-+*/×÷()\d,$ \t]|\.(?=\d))*=[ \t]*)*"
-
-
-def answer_kind(answer):
-    return "choice" if re.fullmatch(r"[A-E]", answer) else "number"
-
-
-def eval_prompt(row):
-    """A test question as the model sees it: the question, then how to state the answer."""
-    return row["prompt"] + EVAL_SUFFIX[answer_kind(row["answer"])]
-
-
-def check_eval_rows(tokenizer, tests, args):
-    """Before SFT: each question to score (a task's first --eval_limit) leaves room to reply."""
-    seen = {}
-    for number, row in enumerate(tests, 1):
-        seen[row["task"]] = seen.get(row["task"], 0) + 1
-        if args.eval_limit and seen[row["task"]] > args.eval_limit:
-            continue  # not scored in this run
-        if len(encode(tokenizer, eval_prompt(row))) > args.max_length - args.max_new_tokens:
-            fail(f"eval row {number} (task {row['task']}): the question is longer than "
-                 f"--max_length - --max_new_tokens")
-
-
-def extract_answer(reply, kind):
-    """The answer a reply gives: a letter A-E (upper case only: the word 'a' is no answer) or a
-    number without commas, else None; the forms it reads, in order, are the README's."""
-    if kind == "choice":
-        stated = re.findall(STATED + rf"(?:(?i:option)\s*)?[\[(]?\**(?:{BOXED})?([A-E])\b"
-                            r"(?![.]?[a-z])(?:[*\])}]*\s+(?:or|and)\s+[\[(]?\**([A-E])\b)?", reply)
-        if stated:  # 'Answer: B or C' hedges, and answers nothing
-            first, alternative = stated[-1]
-            return first if not alternative or alternative == first else None
-        patterns = [r"\\boxed\{([A-E])\}", r"\(([A-E])\)", r"^\s*\**([A-E])\**[.)]?\s*$"]
-    else:  # 'Answer - 18': a dash; 'Answer: -18': a sign
-        patterns = [rf"####\s*\$?({NUMBER})",
-                    rf"(?i:answer)(?:\s*(?i:is))?[\s:*=]*(?:-\s+)?\$?\**(?:{BOXED})?{EXPRESSION}"
-                    rf"\$?({NUMBER})",
-                    rf"\\boxed\{{\s*\$?({NUMBER})\s*\}}",
-                    rf"({NUMBER})"]
-    for pattern in patterns:
-        found = re.findall(pattern, reply)
-        if found:
-            return found[-1].replace(",", "") if kind == "number" else found[-1]
-    return None
-
-
-def is_correct(extracted, answer):
-    if extracted is None:
-        return False
-    if answer_kind(answer) == "choice":
-        return extracted == answer
-    return math.isclose(float(extracted), float(answer.replace(",", "")), abs_tol=1e-6)
-
-
-def run_evaluation(model, tokenizer, tests, args):
+def greedy_answers(model, tokenizer, tests, args):
     """A greedy reply to each test question -> rows with the answer extracted and if it is right."""
     replies = data_parallel(partial(sample_responses, model, tokenizer, args=args, greedy=True),
                             [eval_prompt(row) for row in tests])
@@ -654,16 +525,13 @@ def run_evaluation(model, tokenizer, tests, args):
 def evaluate_models(args, tokenizer, tests, out):
     """Exact match of M0, M1 (SFT), ..., M_T+1 on each task (replies in eval/) -> table rows."""
     tasks = list(dict.fromkeys(row["task"] for row in tests))
-    if args.eval_limit:
-        tests = [row for task in tasks
-                 for row in [r for r in tests if r["task"] == task][: args.eval_limit]]
     (out / "eval").mkdir(exist_ok=True)
     limit = f"-first{args.eval_limit}" if args.eval_limit else ""
     table = []
     for k in range(args.iterations + 2):
         path = args.model if k == 0 else out / f"M{k}"
         rows = cached(out / "eval" / f"M{k}{limit}.jsonl", tests, ("task", "prompt", "answer"),
-                      lambda: run_evaluation(load_model(path, args), tokenizer, tests, args))
+                      lambda: greedy_answers(load_model(path, args), tokenizer, tests, args))
         for task in tasks:
             scored = [row["correct"] for row in rows if row["task"] == task]
             table.append({"model": f"M{k}", "task": task, "accuracy": sum(scored) / len(scored),
@@ -711,6 +579,7 @@ def final_table(args, metrics, evaluation):
     return "\n".join(lines) + "\n"
 
 
+# ======== Plumbing: files, data, models, optimizer and train, torchrun, flags, the demo ========
 # --- Plumbing: one-line errors, files written whole, resume ---
 def fail(message):
     """Stop with a one-line error and a non-zero exit, never a traceback (from rank 0 only)."""
@@ -784,6 +653,15 @@ def check_ids(path, rows, expected, keys=("id",)):
         fail(f"{path} does not match this run's data or its earlier steps: delete it to recompute")
 
 
+def cached_logps(path, model_path, sequences, tokenizer, args):
+    """batched_logps of sequences under the model at model_path, kept in path -> [float]."""
+    def compute():
+        logps = batched_logps(load_model(model_path, args), sequences, tokenizer.pad_token_id,
+                              args.score_batch_size, f"log-probs under {model_path}")
+        return [{"logp": value} for value in logps]
+    return [row["logp"] for row in cached(path, sequences, (), compute)]
+
+
 @contextlib.contextmanager
 def locked(out):
     """out, created and locked for this run; Ctrl-C or an OSError (a full disk) ends in one line."""
@@ -830,9 +708,9 @@ def task_rows(task, rows):
                             r["choices"]["label"].index(r["answerKey"])) for r in rows]
 
 
-def load_hub_data(evaluate):
+def load_hub_data(args):
     """D_S: English OASST1 root prompts with their rank-0 reply (~3.4K); D_U: D_S prompts and the
-    five tasks' train questions; with `evaluate`, the five tasks' test rows."""
+    five tasks' train questions; with --evaluate, the five tasks' test rows."""
     from datasets import load_dataset
 
     def load(repo, split="train", name=None, revision=None):
@@ -853,7 +731,7 @@ def load_hub_data(evaluate):
     for task, (repo, name, revision, test_split) in TASKS.items():
         pool += [{"prompt": row["prompt"]} for row in task_rows(task, load(repo, "train", name,
                                                                            revision))]
-        if evaluate:
+        if args.evaluate:
             tests += [dict(row, task=task)
                       for row in task_rows(task, load(repo, test_split, name, revision))]
     return sft, pool, tests
@@ -862,7 +740,7 @@ def load_hub_data(evaluate):
 def load_data(args):
     """(D_S rows, D_U rows, test rows) from --data_dir's JSONL files, else from the Hub."""
     if args.data_dir is None:
-        return load_hub_data(args.evaluate)
+        return load_hub_data(args)
     data_dir = Path(args.data_dir)
     if not data_dir.is_dir():
         fail(f"--data_dir {data_dir} is not a folder")
@@ -874,7 +752,7 @@ def load_data(args):
             fail(f"{data_dir / name} is missing")
     rows = {name: read_jsonl(data_dir / name, required) for name, required in files.items()}
     for number, row in enumerate(rows.get("eval.jsonl", []), 1):
-        if not re.fullmatch(rf"[A-E]|{NUMBER}", row["answer"]):
+        if answer_kind(row["answer"]) is None:
             fail(f"{data_dir / 'eval.jsonl'}: row {number}: answer {row['answer']!r} is neither "
                  f"a letter A-E nor a number")
     return rows["sft.jsonl"], rows["prompts.jsonl"], rows.get("eval.jsonl", [])
@@ -901,6 +779,21 @@ def iteration_pools(tokenizer, prompt_rows, args):
     return pools
 
 
+def eval_questions(tokenizer, tests, args):
+    """The test questions to score, in the file's order: each task's first --eval_limit (all
+    without it), each checked before SFT to leave room to reply."""
+    seen, rows = {}, []
+    for number, row in enumerate(tests, 1):
+        seen[row["task"]] = seen.get(row["task"], 0) + 1
+        if args.eval_limit and seen[row["task"]] > args.eval_limit:
+            continue  # not scored in this run
+        if len(encode(tokenizer, eval_prompt(row))) > args.max_length - args.max_new_tokens:
+            fail(f"eval row {number} (task {row['task']}): the question is longer than "
+                 f"--max_length - --max_new_tokens")
+        rows.append(row)
+    return rows
+
+
 def prepare(args, out):
     """Every check before a file is written: the data, the tokenizer against the model, each
     iteration's prompts, the test questions, an earlier run's settings -> what main needs."""
@@ -918,7 +811,7 @@ def prepare(args, out):
         fail(f"--model {args.model!r} embeds {vocab_size} tokens, but its tokenizer has "
              f"{len(tokenizer)}")
     pools = iteration_pools(tokenizer, prompt_rows, args)
-    check_eval_rows(tokenizer, tests, args)
+    tests = eval_questions(tokenizer, tests, args)
     check_same_settings(out, args, data_sha256)
     return tokenizer, sft_rows, pools, tests
 
@@ -958,8 +851,17 @@ def load_model(path, args, seed=None):
     return model
 
 
-def first_line(e):
-    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+def no_transformers_bars(factory, args, kwargs):
+    """transformers' own progress bars ('Loading weights' at every model load, 'Writing model
+    shards' at every save) off: they would bury the run's bars. The Hub's download bars stay."""
+    return factory(*args, **(kwargs | {"disable": True}))
+
+
+hf_logging.set_tqdm_hook(no_transformers_bars)  # on import: before the first load or save
+
+
+def first_line(error):
+    return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
 
 
 def model_ready(path):
@@ -994,6 +896,69 @@ def save_model(model, tokenizer, path, summary):
         (tmp / "training_summary.json").write_text(json.dumps(summary, indent=1))
         os.replace(tmp, path)
     barrier()
+
+
+# --- Plumbing: log-probs through a float32 LM head, and generate_batch's cache on CPU ---
+VOCAB_SLICE = 8192  # LM-head rows a float32 slice: [N, 8192] blocks, never [N, V]
+
+
+class TokenLogps(torch.autograd.Function):
+    """log pi(target) = logit[target] - logsumexp(logits), logits = hidden @ weight^T (+ bias) in
+    float32, VOCAB_SLICE head rows at a time, and recomputed so in backward: no [N, V] tensor or
+    float32 copy of the head exists (README: 'One 80 GB GPU'). d logp / d logits = onehot - softmax.
+    hidden [N, H], weight [V, H], bias [V] or None, targets [N] -> [N] float32."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets):
+        h = hidden.float()
+        lse = torch.full((h.shape[0],), float("-inf"), device=h.device)
+        target_logits = torch.zeros_like(lse)
+        for start in range(0, weight.shape[0], VOCAB_SLICE):
+            rows = slice(start, start + VOCAB_SLICE)
+            logits = h @ weight[rows].float().T  # [N, VOCAB_SLICE]
+            if bias is not None:
+                logits += bias[rows].float()
+            lse = torch.logaddexp(lse, logits.logsumexp(-1))
+            inside = (targets >= start) & (targets < start + logits.shape[1])
+            column = (targets - start).clamp(0, logits.shape[1] - 1)[:, None]
+            target_logits += logits.gather(1, column).squeeze(1) * inside
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        return target_logits - lse
+
+    @staticmethod
+    def backward(ctx, grad):  # grad [N]
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        h = hidden.float()
+        grad_hidden, grad_weight = torch.zeros_like(h), torch.empty_like(weight)
+        grad_bias = None if bias is None else torch.empty_like(bias)
+        for start in range(0, weight.shape[0], VOCAB_SLICE):
+            rows = slice(start, start + VOCAB_SLICE)
+            w = weight[rows].float()
+            logits = h @ w.T
+            if bias is not None:
+                logits += bias[rows].float()
+            grad_logits = (logits - lse[:, None]).exp_().mul_(-grad[:, None])  # -softmax * grad
+            inside = (targets >= start) & (targets < start + w.shape[0])
+            column = (targets - start).clamp(0, w.shape[0] - 1)[:, None]
+            grad_logits.scatter_add_(1, column, (grad * inside)[:, None])  # + onehot * grad
+            grad_hidden.addmm_(grad_logits, w)
+            grad_weight[rows] = grad_logits.T @ h
+            if bias is not None:
+                grad_bias[rows] = grad_logits.sum(0)
+        return grad_hidden.to(hidden.dtype), grad_weight, grad_bias, None
+
+
+def token_logps(hidden, targets, head):
+    """log pi(target) through a float32 LM head: hidden [N, H], targets [N] -> [N] float32."""
+    return TokenLogps.apply(hidden, head.weight, head.bias, targets)
+
+
+def cache_config(model, num_requests, longest):
+    """generate_batch sizes its KV cache from free memory: ~15 GB on CPU, so there, to the work."""
+    if model.device.type != "cpu":
+        return None
+    return ContinuousBatchingConfig(num_blocks=num_requests * math.ceil(longest / 256),
+                                    max_batch_tokens=512)
 
 
 # --- Plumbing: AdamW in float32 on bfloat16 weights, the schedule, the training loop ---
@@ -1048,39 +1013,38 @@ def micro_batches(items, batch_size, seed):
 def train(model, batches, loss_fn, lr_flag, args, desc):
     """Gradient accumulation, clipping, AdamW at args.<lr_flag> -> mean metrics; a non-finite loss,
     gradient or weight stops the run before anything is saved. Under torchrun: FSDP2, and each
-    rank takes its share of every step's micro-batches."""
+    rank takes its share of every step's micro-batches (share_of)."""
     lr = getattr(args, lr_flag)
     stop = (f" with --{lr_flag} {lr}; nothing was saved, and the models before it are intact "
             f"(README)")
-    rank, world = rank_and_world()
-    if world > 1:
-        shard_for_training(model)
+    shard_for_training(model)  # torchrun
     model.train()
     model.config.use_cache = False
     model.activation_checkpointing_enable()
     params = [p for p in model.parameters() if p.requires_grad]
     state, totals, count = {}, {}, 0
-    steps = [batches[i: i + args.grad_accum] for i in range(0, len(batches), args.grad_accum)]
-    bar = tqdm(total=len(batches), desc=desc, disable=rank > 0)
-    for step, group in enumerate(steps):  # the last step may have fewer micro-batches
-        for j in range(rank, math.ceil(len(group) / world) * world, world):
-            # a rank without a share repeats one at weight 0: FSDP2's collectives stay in step
-            batch, weight = (group[j], 1.0) if j < len(group) else (group[0], 0.0)
+    # the last step may have fewer micro-batches
+    steps = [share_of(batches[i: i + args.grad_accum])
+             for i in range(0, len(batches), args.grad_accum)]
+    bar = tqdm(total=sum(map(len, steps)), desc=desc, disable=rank_and_world()[0] > 0)
+    for step, share in enumerate(steps):
+        for j, (batch, weight) in enumerate(share):
             metrics = loss_fn(model, batch)
             loss = summed(metrics["loss"].detach())  # NaN on any rank stops every rank
             if not torch.isfinite(loss):
                 fail(f"{desc}: the loss became {loss.item()} at micro-batch "
                      f"{step * args.grad_accum + j}{stop}")
-            (metrics["loss"] * (weight * world / len(group))).backward()
-            for k, v in metrics.items():
-                totals[k] = totals.get(k, 0.0) + weight * v.item()
-            count += weight
-            bar.update(min(world, len(batches) - bar.n))
+            (metrics["loss"] * weight).backward()
+            if weight:  # torchrun's weight-0 repeats count in no metric
+                for k, v in metrics.items():
+                    totals[k] = totals.get(k, 0.0) + v.item()
+                count += 1.0
+            bar.update()
             bar.set_postfix(loss=f"{totals['loss'] / max(count, 1):.4f}")
         norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
         if not torch.isfinite(norm.full_tensor() if isinstance(norm, DTensor) else norm):
             fail(f"{desc}: the gradients became non-finite at micro-batch "
-                 f"{step * args.grad_accum + len(group) - 1}{stop}")
+                 f"{step * args.grad_accum + len(share) - 1}{stop}")
         adamw_step(params, state, learning_rate(step, len(steps), lr, args.warmup_ratio))
         model.zero_grad(set_to_none=True)
     if not all_finite(params, model.device):  # the last update is seen by no loss
@@ -1162,21 +1126,55 @@ def mean_metrics(totals, count, device):
 
 
 def shard_for_training(model):
-    """FSDP2 (ZeRO-3): each decoder layer, then the rest, split across the ranks; weights,
-    gradients and AdamW's m and v are each rank's shard."""
+    """Under torchrun, FSDP2 (ZeRO-3): each decoder layer, then the rest, split across the ranks;
+    weights, gradients and AdamW's m and v are each rank's shard. One process: nothing."""
+    if rank_and_world()[1] == 1:
+        return
     for layer in model.get_decoder().layers:
         fully_shard(layer)
     fully_shard(model)
 
 
+def share_of(group):
+    """This process's micro-batches of one optimizer step, each with its loss weight: one
+    process takes all at 1 / len(group); under torchrun rank r takes group[r::world] at
+    world / len(group), and where a short last step leaves a rank fewer than the others (or
+    none), it repeats the first at weight 0, so FSDP2's collectives stay in step."""
+    rank, world = rank_and_world()
+    share = [(batch, world / len(group)) for batch in group[rank::world]]
+    repeats = math.ceil(len(group) / world) - len(share)
+    return share + [(group[0], 0.0)] * repeats
+
+
+def sharded_decoder_states(model, **inputs):
+    """decoder_states of a model sharded by FSDP2: it gathers its embedding and head only in its
+    own forward, so that runs, with the head at one position, and a hook keeps the states."""
+    states = []
+
+    def keep(module, args, output):
+        states.append(output.last_hidden_state)
+    hook = model.get_decoder().register_forward_hook(keep)
+    model(**inputs, use_cache=False, logits_to_keep=1)
+    hook.remove()
+    return states[0]
+
+
 # --- Plumbing: the command line, checked before anything runs, and a folder's settings ---
-AT_LEAST = {"iterations": 1, "num_prompts": 1, "num_samples": 2, "max_new_tokens": 1,
-            "max_length": 2, "batch_size": 1, "grad_accum": 1, "epochs": 1, "score_batch_size": 1,
-            "sft_epochs": 0, "seed": 0, "sft_lr": 0, "lr": 0}
-ABOVE_ZERO = ("temperature", "beta", "max_grad_norm")
-CHOICES = {"method": ("cream", "srlm", "p-srlm"), "dtype": ("auto", "bfloat16", "float32"),
-           "consistency_measure": ("kendall", "spearman", "toporder"),
-           "consistency_scope": ("dataset", "pair")}
+def must_be(value, valid):
+    """What value must be to lie in valid ('[1,inf)', '(0,1]', '{a,b}'), None if it does."""
+    if valid.startswith("{"):
+        choices = valid[1:-1].split(",")
+        return None if value in choices else f"{', '.join(choices[:-1])} or {choices[-1]}"
+    if not math.isfinite(value):
+        return "a finite number"
+    low, high = valid[1:-1].split(",")
+    above = value > float(low) if valid[0] == "(" else value >= float(low)
+    below = value < float(high) if valid[-1] == ")" else value <= float(high)
+    if above and below:
+        return None
+    if high == "inf":
+        return f"{'above' if valid[0] == '(' else 'at least'} {low}"
+    return f"in {valid[0]}{low}, {high}{valid[-1]}"
 
 
 def parse_args(argv=None):
@@ -1200,25 +1198,15 @@ def parse_args(argv=None):
 
 
 def check_args(args):
-    """Every number finite and in its range, every choice known, the flags of a method its own."""
-    for name, value in asdict(args).items():
-        if isinstance(value, float) and not math.isfinite(value):
-            fail(f"--{name} must be a finite number, got {value}")
-        if name in AT_LEAST and value < AT_LEAST[name]:
-            fail(f"--{name} must be at least {AT_LEAST[name]}, got {value}")
-        if name in ABOVE_ZERO and value <= 0:
-            fail(f"--{name} must be above 0, got {value}")
-        if name in ("sft_lr", "lr") and value > 1:  # AdamW moves a weight by ~lr a step: a typo
-            fail(f"--{name} must be at most 1, got {value}")
-        if name in CHOICES and value not in CHOICES[name]:
-            fail(f"--{name} must be {', '.join(CHOICES[name][:-1])} or {CHOICES[name][-1]}, "
-                 f"got {value!r}")
-    if not 0 < args.top_p <= 1:
-        fail(f"--top_p must be in (0, 1], got {args.top_p}")
-    if not 0 <= args.warmup_ratio < 1:
-        fail(f"--warmup_ratio must be in [0, 1), got {args.warmup_ratio}")
-    if args.eval_limit is not None and args.eval_limit < 1:
-        fail(f"--eval_limit must be at least 1, got {args.eval_limit}")
+    """Every flag in its valid range (flag), every number finite, the flags of a method its own,
+    and a --grad_accum the processes share evenly."""
+    for field in fields(Args):
+        value, valid = getattr(args, field.name), field.metadata.get("metavar")
+        if value is None or valid is None:
+            continue
+        what = must_be(value, valid)
+        if what:
+            fail(f"--{field.name} must be {what}, got {value!r}")
     if args.max_length <= args.max_new_tokens:
         fail(f"--max_length {args.max_length} leaves no room for a prompt with --max_new_tokens "
              f"{args.max_new_tokens}")
@@ -1233,6 +1221,10 @@ def check_args(args):
         fail(f"--sft_epochs 0 with --method {args.method}: M1 would be M0, so r = log pi_1 - "
              f"log pi_0 = 0 for every sample (Eq. 3.9), every prompt ties and iteration 1 has "
              f"no pair; use --sft_epochs >= 1")
+    world = rank_and_world()[1]
+    if args.grad_accum % world:
+        fail(f"--grad_accum {args.grad_accum} must be a multiple of the {world} processes (each "
+             f"takes the same share of a step)")
 
 
 AFTER_THE_FACT = ("output_dir", "evaluate", "eval_limit")  # they touch no training file
@@ -1267,26 +1259,6 @@ def check_same_settings(out, args, data_sha256):
 DEMO = dict(iterations=2, num_prompts=12, num_samples=4, max_new_tokens=24, max_length=160,
             sft_epochs=3, sft_lr=3e-3, lr=3e-4, batch_size=4, grad_accum=2, score_batch_size=16,
             dtype="float32")  # where the command line leaves a flag out: ~1 min on 2 CPU cores
-DEMO_DATA = [
-    ("Name a primary color.", "Red is a primary color."),
-    ("What is 2 + 3?", "2 + 3 = 5."),
-    ("Give a synonym for happy.", "Glad is a synonym for happy."),
-    ("What do bees make?", "Bees make honey."),
-    ("Translate 'hola' to English.", "'Hola' means hello."),
-    ("What is the capital of France?", "The capital of France is Paris."),
-    ("How many legs does a spider have?", "A spider has eight legs."),
-    ("What is the opposite of cold?", "The opposite of cold is hot."),
-    ("Which planet is called the red planet?", "Mars is called the red planet."),
-    ("What gas do plants take in?", "Plants take in carbon dioxide."),
-    ("What is 10 minus 4?", "10 minus 4 is 6."),
-    ("Name a mammal that can fly.", "The bat is a mammal that can fly."),
-    ("What freezes at zero degrees Celsius?", "Water freezes at zero degrees Celsius."),
-    ("How many days are in a week?", "A week has seven days."),
-    ("What color is the sky on a clear day?", "The sky is blue on a clear day."),
-    ("Who wrote Hamlet?", "William Shakespeare wrote Hamlet."),
-]
-
-
 def build_demo(out):
     """The demo's model and data, written into out -> (model folder, data folder)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -1297,7 +1269,8 @@ def build_demo(out):
         bpe = Tokenizer(models.BPE())
         bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         bpe.decoder = decoders.ByteLevel()
-        bpe.train_from_iterator([p + " " + r for p, r in DEMO_DATA] * 4, trainers.BpeTrainer(
+        corpus = [prompt + " " + good for prompt, good, _ in DEMO_DATA] * 4
+        bpe.train_from_iterator(corpus, trainers.BpeTrainer(
             vocab_size=400, special_tokens=["<s>", "</s>"],
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
         tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>")
@@ -1308,8 +1281,10 @@ def build_demo(out):
         torch.manual_seed(0)
         save_model(LlamaForCausalLM(config), tokenizer, model_dir, {"demo": True})
     data_dir.mkdir(parents=True, exist_ok=True)
-    write_jsonl(data_dir / "sft.jsonl", [{"prompt": p, "response": r} for p, r in DEMO_DATA])
-    write_jsonl(data_dir / "prompts.jsonl", [{"prompt": p} for p, _ in DEMO_DATA for _ in range(2)])
+    write_jsonl(data_dir / "sft.jsonl", [{"prompt": prompt, "response": good}
+                                         for prompt, good, _ in DEMO_DATA])
+    write_jsonl(data_dir / "prompts.jsonl", [{"prompt": prompt} for prompt, _, _ in DEMO_DATA
+                                             for _ in range(2)])
     write_jsonl(data_dir / "eval.jsonl", [  # for --evaluate: a choice question and a GSM8K one
         {"task": "arc_easy", "prompt": "Which one is a color?\nA. red\nB. dog\nC. seven",
          "answer": "A"},

@@ -649,6 +649,17 @@ def test_train_stops_on_nan_loss_with_one_line_error(tiny_model):
     assert calls == ["ok", "bad"]  # stopped at once
 
 
+@pytest.mark.parametrize("rank, world, expected", [
+    (0, 1, [("a", 1 / 3), ("b", 1 / 3), ("c", 1 / 3)]),  # one process: all, the mean of three
+    (0, 2, [("a", 2 / 3), ("c", 2 / 3)]),
+    (1, 2, [("b", 2 / 3), ("a", 0.0)]),  # one short: the first again, counting nothing
+    (3, 4, [("a", 0.0)])])  # none left: the first again, so each rank runs one forward
+def test_share_of_a_step_splits_it_by_rank_with_weights_summing_to_the_mean(rank, world, expected,
+                                                                             monkeypatch):
+    monkeypatch.setattr(cream, "rank_and_world", lambda: (rank, world))
+    assert cream.share_of(["a", "b", "c"]) == expected
+
+
 # --- 13: end to end through the CLI, resume, and --demo ---
 
 E2E_FLAGS = ["--iterations", 2, "--num_prompts", 4, "--num_samples", 3, "--max_new_tokens", 8, "--max_length", 96,
@@ -656,7 +667,8 @@ E2E_FLAGS = ["--iterations", 2, "--num_prompts", 4, "--num_samples", 3, "--max_n
              "--sft_lr", 3e-3, "--lr", 3e-4]  # learning rates large enough that a random tiny model visibly moves
 METRIC_KEYS = {"iteration", "consistency", "kendall", "spearman", "top_order", "pairs", "skipped", "loss",
                "reward_accuracy", "reward_margin", "response_length"}
-# progress bars of work: cream's training and scoring, transformers' model loading and generate_batch
+# progress bars of work: cream's training and scoring, and generate_batch; "Loading weights" too,
+# though main turns transformers' own loading bar off (test_e2e_cli_run checks it stays off)
 PROGRESS_OF_WORK = ("SFT M0", "CREAM M", "log-probs under", "Loading weights", "Solving")
 
 
@@ -684,6 +696,8 @@ def test_e2e_cli_run(e2e, tiny_model_dir, tiny_tokenizer, data_dir):
     result, out = e2e["result"], e2e["out"]
     assert result.returncode == 0, result.stderr[-4000:]
     assert "Traceback" not in result.stderr
+    # quiet model loading: transformers' own bar is off, the script's bars stay
+    assert "Loading weights" not in result.stderr and "SFT M0 -> M1" in result.stderr
 
     # M1, M2, M3 load and differ from M0 and from each other: training happened at every stage
     models, weights = {}, {}

@@ -12,6 +12,7 @@ import random
 import shutil
 import signal
 import time
+from dataclasses import fields
 from functools import partial
 
 import pytest
@@ -63,6 +64,45 @@ def test_range_edges_are_accepted():
                              "--seed", "0", "--num_samples", "2", "--eval_limit", "1",
                              "--max_length", "2", "--max_new_tokens", "1"])
     assert (args.top_p, args.warmup_ratio, args.sft_lr, args.lr, args.max_length) == (1, 0, 1, 0, 2)
+
+
+@pytest.mark.parametrize("value,valid,expected", [
+    (0, "[1,inf)", "at least 1"), (1, "[1,inf)", None), (0.0, "(0,inf)", "above 0"),
+    (1e-9, "(0,inf)", None), (1.5, "(0,1]", "in (0, 1]"), (1.0, "(0,1]", None),
+    (0.0, "(0,1]", "in (0, 1]"), (1.0, "[0,1)", "in [0, 1)"), (0.0, "[0,1)", None),
+    (float("nan"), "[0,1]", "a finite number"), (float("inf"), "(0,inf)", "a finite number"),
+    ("ppo", "{cream,srlm,p-srlm}", "cream, srlm or p-srlm"), ("srlm", "{cream,srlm,p-srlm}", None),
+    ("x", "{dataset,pair}", "dataset or pair")])
+def test_must_be_names_the_valid_values(value, valid, expected):
+    assert cream.must_be(value, valid) == expected
+
+
+@pytest.mark.parametrize("flag,value,expected", [
+    ("--method", "ppo", "--method must be cream, srlm or p-srlm, got 'ppo'"),
+    ("--num_samples", "1", "--num_samples must be at least 2, got 1"),
+    ("--temperature", "0", "--temperature must be above 0, got 0.0"),
+    ("--lr", "2", "--lr must be in [0, 1], got 2.0"),
+    ("--top_p", "1.5", "--top_p must be in (0, 1], got 1.5"),
+    ("--beta", "inf", "--beta must be a finite number, got inf")])
+def test_flag_errors_say_what_the_flag_must_be(flag, value, expected):
+    assert error_of(lambda: cream.parse_args([flag, value])) == f"cream.py: error: {expected}"
+
+
+def test_every_range_is_shown_by_help(capsys):
+    with pytest.raises(SystemExit):
+        cream.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for field in fields(cream.Args):
+        valid = field.metadata.get("metavar")
+        assert valid is None or f"--{field.name} {valid}" in text
+
+
+def test_grad_accum_must_split_evenly_over_the_processes(monkeypatch):
+    monkeypatch.setattr(cream, "rank_and_world", lambda: (0, 2))  # rank 0 of a torchrun of 2
+    assert cream.parse_args(["--grad_accum", "4"]).grad_accum == 4
+    message = error_of(lambda: cream.parse_args(["--grad_accum", "3"]))
+    assert message == ("cream.py: error: --grad_accum 3 must be a multiple of the 2 processes "
+                       "(each takes the same share of a step)")
 
 
 def test_a_failed_check_leaves_nothing_that_blocks_the_corrected_rerun(tiny_model_dir, data_dir,
@@ -141,7 +181,7 @@ def test_eval_question_too_long_is_named_before_sft(tiny_model_dir, tiny_tokeniz
     assert not (out / "args.json").exists() and not (out / "M1").exists()
     # with --eval_limit 1 the long question, the second of its task, is never scored: no error
     args = cream.parse_args(argv(tiny_model_dir, data, out, "--evaluate", "--eval_limit", 1))
-    cream.check_eval_rows(tiny_tokenizer, rows, args)
+    assert cream.eval_questions(tiny_tokenizer, rows, args) == EVAL_ROWS  # each task's first
 
 
 # ------------------------------------------------------------------------------------------------

@@ -51,12 +51,8 @@ def world(base, name):
                for j, (p, s) in enumerate(zip(prompts, grouped))]
     sequences = [(module.encode(tokenizer, row["prompt"]), s["token_ids"])
                  for row in samples for s in row["samples"]]
-    if name == "scir":
-        local = scir.batched_logps(model, sequences, tokenizer.pad_token_id,
-                                   args.score_batch_size, "reference")
-    else:
-        local = cream.score_logps(model, sequences, tokenizer.pad_token_id,
-                                  args.score_batch_size, "reference")
+    local = module.batched_logps(model, sequences, tokenizer.pad_token_id, args.score_batch_size,
+                                 "reference")
     return dict(name=name, model=model, tokenizer=tokenizer, args=args, samples=samples,
                 sequences=sequences, local=local)
 
@@ -75,7 +71,8 @@ def pairs_and_batches(w, rewards):
     """Best vs worst by `rewards` through the script's pair builder, and its micro-batches."""
     args, n = w["args"], len(w["samples"][0]["samples"])
     if w["name"] == "scir":
-        pairs = scir.best_vs_worst(w["samples"], rewards, w["sequences"], w["local"])
+        pairs = scir.best_vs_worst(w["samples"], *(scir.by_prompt(values, n) for values in (
+            rewards, w["sequences"], w["local"])))
         return pairs, scir.epoch_batches(pairs, args, 0)
     reward_rows = [{"id": row["id"], "r": rewards[j * n: (j + 1) * n], "tau": 1.0,
                     "logps_t": w["local"][j * n: (j + 1) * n]}
@@ -126,13 +123,13 @@ def sign_flipped_loss(name):
             else:
                 sequences = ([p["chosen_sequence"] for p in batch]
                              + [p["rejected_sequence"] for p in batch])
-                logps = cream.collated_logps(model, cream.collate(sequences,
-                                                                  tokenizer.pad_token_id))
+                logps = cream.response_logps(model, sequences, tokenizer.pad_token_id)
             chosen, rejected = logps.split(len(batch))
             ref_chosen = torch.tensor([p["ref_chosen_logp"] for p in batch])
             ref_rejected = torch.tensor([p["ref_rejected_logp"] for p in batch])
             h = args.beta * ((chosen - ref_chosen) - (rejected - ref_rejected))
-            return {"loss": -F.logsigmoid(-h).mean()}  # the flipped sign
+            metrics = {"loss": -F.logsigmoid(-h).mean()}  # the flipped sign
+            return (metrics, []) if name == "scir" else metrics  # scir: no detached pass
         return loss_fn
     return factory
 

@@ -400,7 +400,7 @@ def measure_training(name, shape, layers=None, fake=True, lengths=None, model=No
 
 def measure_no_grad(name, shape, layers=None, fake=True, lengths=(1024, 1024), model=None,
                     **overrides):
-    """The Tracker of no-grad scoring: cream.score_logps of score_batch_size (16) sequences, or
+    """The Tracker of no-grad scoring: cream.batched_logps of score_batch_size (16) sequences, or
     scir.score_pairs of score_batch_size // 2 pairs (16 sequences + 32 judge prompts)."""
     model = model or build_model(shape, layers, fake=fake, **overrides)
     tokenizer = PieceTokenizer()
@@ -411,8 +411,8 @@ def measure_no_grad(name, shape, layers=None, fake=True, lengths=(1024, 1024), m
             args = cream.Args()
             prompt_ids = cream.encode(tokenizer, prompt_text(tokenizer, cream.encode, prompt))
             ids = response(tokenizer, response_tokens, "a")[1]
-            cream.score_logps(model.eval(), [(prompt_ids, ids)] * args.score_batch_size,
-                              tokenizer.pad_token_id, args.score_batch_size, "score")
+            cream.batched_logps(model, [(prompt_ids, ids)] * args.score_batch_size,
+                                tokenizer.pad_token_id, args.score_batch_size, "score")
         else:
             args = replace(scir.Args(), max_length=prompt + response_tokens)
             pairs = scir_pairs(tokenizer, args.score_batch_size // 2, prompt, response_tokens,
