@@ -89,6 +89,8 @@ class Args:
     sft_examples: int = flag(5000, "[0,inf)", "Alpaca examples in SFT, besides LIMA's 1,030")
     judge_pairs: int = flag(500, "[1,inf)", (
         "oasst2 pairs, each giving 4 judge examples: 2 templates x 2 orders"))
+    pointwise_examples: int = flag(2000, "[0,inf)", (
+        "--method srlm: Table 6 judgements in SFT, from pointwise.jsonl in --data_dir (README)"))
     prompt_offset: int = flag(0, "[0,inf)", (
         "skip this many shuffled prompts: 8000 gives a run from M2 iteration 3's (Table 4)"))
     max_new_tokens: int = flag(1024, "[1,inf)", (
@@ -115,6 +117,8 @@ class Args:
     evaluate: bool = flag(False, None, (
         "Table 2's GSM8K and MMLU: greedy zero-shot exact match of each M_k (offline: eval.jsonl)"))
     eval_limit: int = flag(0, "[0,inf)", "score the first N questions of each task (0: all)")
+    alpaca_eval: bool = flag(False, None, (
+        "Table 2's AlpacaEval 2.0: each M_k's sampled answers, for the alpaca_eval tool (README)"))
     # hardware and batching (not in the paper)
     batch_size: int = flag(1, "[1,inf)", (
         "pairs (SFT sequences) per forward pass: 1 keeps Llama-3-8B under 65 GiB (README)"))
@@ -236,7 +240,8 @@ def main(argv=None):
     args = parse_args(argv)
     out = Path(args.output_dir)
     with locked(out):
-        tokenizer, identifier_ids, sft_rows, judge_rows, pools, bench, tests = prepare(args, out)
+        (tokenizer, identifier_ids, sft_rows, judge_rows, pools, bench, tests,
+         instructions) = prepare(args, out)
         if not model_ready(out / "M0"):
             run_sft(args, tokenizer, sft_rows, judge_rows, out)
         rows = [metrics_row(0, {})]  # one row per model M_k, as in the paper's tables
@@ -261,6 +266,8 @@ def main(argv=None):
         if args.evaluate:
             for k, accuracy in evaluate_models(args, tokenizer, tests, out).items():
                 rows[k]["evaluation"] = accuracy
+        if args.alpaca_eval:
+            alpaca_eval_answers(args, tokenizer, instructions, out)
         write_jsonl(out / "metrics.jsonl", rows)
         table = final_table(args, rows)
         write_text(out / "table.md", table)
@@ -271,7 +278,8 @@ def main(argv=None):
 
 # --- Section 4.1, Appendix C.1: SFT on instructions and pairwise judge examples gives M0 ---
 def run_sft(args, tokenizer, sft_rows, judge_rows, out):
-    """M0: the base model after SFT, or as given with --sft_epochs 0."""
+    """M0: the base model after SFT, or as given with --sft_epochs 0. judge_rows: the pairs of
+    the pairwise judge examples (scir), or the pointwise judgements (srlm)."""
     if args.global_reference not in (None, args.model):  # a damaged one stops the run before SFT
         load_model(args.global_reference, args)
     if args.sft_epochs == 0:
@@ -282,8 +290,14 @@ def run_sft(args, tokenizer, sft_rows, judge_rows, out):
         prompt_ids, response_ids = encode(tokenizer, row["prompt"], row["response"])
         if len(prompt_ids) < args.max_length - 1:  # keep the prompt whole, cut the response
             instruction.append((prompt_ids, response_ids[: args.max_length - len(prompt_ids)]))
-    judge = [] if args.method != "scir" else judge_sft_examples(
-        tokenizer, judge_rows, args.judge_pairs, args.seed, args.max_length)
+    if args.method == "scir":
+        judge = judge_sft_examples(tokenizer, judge_rows, args.judge_pairs, args.seed,
+                                   args.max_length)
+    elif args.method == "srlm":  # App. C.1: Table 6 judgements, where the data has them
+        judge = pointwise_sft_examples(tokenizer, judge_rows, args.pointwise_examples, args.seed,
+                                       args.max_length)
+    else:
+        judge = []
     # only an instruction longer than max_length on its own leaves a judge example out
     judge_fit = [(ids, target) for ids, target in judge
                  if len(ids) + len(target) <= args.max_length]
@@ -294,7 +308,7 @@ def run_sft(args, tokenizer, sft_rows, judge_rows, out):
                for b in micro_batches(examples, args.batch_size, args.seed + epoch)]
     model, summary = load_and_train(args, args.model, batches, sft_loss, "sft_lr", args.seed,
                                     "SFT -> M0")
-    summary.update(examples=len(examples),
+    summary.update(examples=len(examples), judge_examples=len(judge_fit),
                    skipped_too_long=len(sft_rows) - len(instruction) + len(judge) - len(judge_fit))
     save_model(model, tokenizer, out / "M0", summary)
 
@@ -811,6 +825,21 @@ def pointwise_prompt(tokenizer, instruction, response, max_length):
     return fill_pointwise(instruction, cut_text(tokenizer, response, room))
 
 
+def pointwise_sft_examples(tokenizer, pointwise_rows, count, seed, max_length):
+    """SRLM's judge SFT (App. C.1): Table 6's prompt for a response, with its judgement (ending in
+    'Score: N') as the target -> [(prompt_ids, target_ids)]; the response is cut to leave the
+    judgement room."""
+    if not pointwise_rows:
+        say("note: --method srlm without pointwise.jsonl in --data_dir: M0 learns no Table 6 "
+            "judgements, so it may rarely write 'Score: N' (README: Departures)")
+    examples = []
+    for row in random.Random(seed).sample(pointwise_rows, min(count, len(pointwise_rows))):
+        room = max_length - len(tokenizer(row["judgement"], add_special_tokens=False).input_ids)
+        prompt = pointwise_prompt(tokenizer, row["prompt"], row["response"], room - 1)
+        examples.append(encode(tokenizer, prompt, row["judgement"]))
+    return examples
+
+
 def reward_model_tokenizer(path):
     """The external reward model's tokenizer, with the chat template it scores in."""
     tokenizer = load_tokenizer(path)
@@ -1047,6 +1076,28 @@ def greedy_answers(model, tokenizer, tests, args):
     return rows
 
 
+# --- Table 2's AlpacaEval 2.0 column: each M_k's answers, for the alpaca_eval tool to judge ---
+def alpaca_eval_answers(args, tokenizer, instructions, out):
+    """Each M_k's answer to every AlpacaEval instruction, sampled as section 4.1 decodes
+    (--temperature 0.7, --top_p 0.9) and seeded -> alpaca_eval/M<k>.json: a list of
+    {instruction, output, generator, dataset}, the model outputs alpaca_eval reads (README)."""
+    folder = out / "alpaca_eval"
+    folder.mkdir(exist_ok=True)
+
+    def answers_of(k):
+        model = load_model(out / f"M{k}", args, seed=args.seed + 1000 * k + 6)
+        replies = data_parallel(partial(sample_responses, model, tokenizer, args=args,
+                                        num_samples=1),
+                                [row["instruction"] for row in instructions])
+        return [{"instruction": row["instruction"], "output": reply["response"],
+                 "generator": f"{Path(args.output_dir).name}-M{k}", "dataset": row["dataset"]}
+                for row, (reply,) in zip(instructions, replies)]
+    for k in range(args.iterations + 1):
+        rows = cached(folder / f"M{k}.jsonl", instructions, ("instruction",),
+                      partial(answers_of, k))
+        write_text(folder / f"M{k}.json", json.dumps(rows, ensure_ascii=False, indent=1) + "\n")
+
+
 # --- The final table: one row per model M_k, as in the paper's tables ---
 METHOD_NAMES = {"scir": "Self-Consistent Internal Rewards",
                 "srlm": "Self-Rewarding (LLM-as-a-Judge)",
@@ -1215,7 +1266,8 @@ def locked(out):
 
 # --- Data (Appendix C.1): Alpaca + LIMA + oasst2 pairs, RewardBench, GSM8K and MMLU ---
 def load_hub_data(args):
-    """(SFT rows, judge pairs, prompts): Alpaca prompts not used in SFT are the prompt pool."""
+    """(SFT rows, judge pairs, prompts, no pointwise judgements): Alpaca prompts not used in SFT
+    are the prompt pool."""
     from datasets import load_dataset
 
     def load(repo, **kwargs):
@@ -1239,11 +1291,12 @@ def load_hub_data(args):
               "rejected": r["rejected"]} for r in load("monology/oasst2_dpo")
              if r["lang"] == "en" and "\nassistant: " not in r["prompt"] and r["rejected"].strip()
              and r["chosen"].strip() != r["rejected"].strip()]  # single-turn, a side to prefer
-    return sft, judge, [{"prompt": row["prompt"]} for row in alpaca[args.sft_examples:]]
+    return sft, judge, [{"prompt": row["prompt"]} for row in alpaca[args.sft_examples:]], []
 
 
 def load_data(args):
-    """(SFT rows, judge pairs, prompts) from the Hub or from --data_dir, checked."""
+    """(SFT rows, judge pairs, prompts, pointwise judgements) from the Hub or from --data_dir,
+    checked; the Hub has no pointwise judgements (README: Data)."""
     if args.data_dir is None:
         return load_hub_data(args)
     data_dir = Path(args.data_dir)
@@ -1256,11 +1309,18 @@ def load_data(args):
     for name in needed:
         if not (data_dir / name).is_file():
             fail(f"{data_dir / name} is missing")
+    if args.method == "srlm" and (data_dir / "pointwise.jsonl").is_file():
+        needed["pointwise.jsonl"] = ["prompt", "response", "judgement"]
     rows = {name: read_jsonl(data_dir / name, keys) for name, keys in needed.items()}
     for number, row in enumerate(rows["judge.jsonl"], 1):  # such a pair has nothing to prefer
         if row["chosen"].strip() == row["rejected"].strip():
             fail(f"{data_dir / 'judge.jsonl'}: row {number}: chosen and rejected are the same text")
-    return rows.get("sft.jsonl", []), rows["judge.jsonl"], rows["prompts.jsonl"]
+    for number, row in enumerate(rows.get("pointwise.jsonl", []), 1):
+        if parse_score(row["judgement"]) is None:
+            fail(f"{data_dir / 'pointwise.jsonl'}: row {number}: the judgement gives no score "
+                 f"'Score: N' (N in 0..5)")
+    return (rows.get("sft.jsonl", []), rows["judge.jsonl"], rows["prompts.jsonl"],
+            rows.get("pointwise.jsonl", []))
 
 
 def load_reward_bench(args):
@@ -1318,6 +1378,31 @@ def load_eval_data(args):
         "answer": "ABCD"[r["answer"]]} for r in mmlu]
 
 
+def alpaca_eval_instructions(tokenizer, args):
+    """AlpacaEval's 805 instructions (tatsu-lab/alpaca_eval), or alpaca_eval.jsonl in --data_dir
+    -> [{instruction, dataset}], each leaving room to answer."""
+    if args.data_dir is not None:
+        source = Path(args.data_dir) / "alpaca_eval.jsonl"
+        if not source.is_file():
+            fail(f"{source} is missing (--alpaca_eval)")
+        rows = read_jsonl(source, ["instruction"])
+    else:
+        from datasets import load_dataset
+        source = "tatsu-lab/alpaca_eval"
+        try:
+            rows = list(load_dataset("json", split="train", data_files=(
+                "hf://datasets/tatsu-lab/alpaca_eval/alpaca_eval.json")))
+        except Exception as e:
+            fail(f"cannot load dataset {source} ({type(e).__name__}); offline, put "
+                 f"alpaca_eval.jsonl in --data_dir (see README)")
+    for number, row in enumerate(rows, 1):
+        if len(encode(tokenizer, row["instruction"])) > args.max_length - args.max_new_tokens:
+            fail(f"{source}: row {number}: the instruction is longer than --max_length - "
+                 f"--max_new_tokens")
+    return [{"instruction": row["instruction"], "dataset": str(row.get("dataset") or "")}
+            for row in rows]
+
+
 # --- Everything checked before the first file is written ---
 def prepare(args, out):
     """Data, tokenizer and models checked, the prompt pool of each iteration, then args.json ->
@@ -1325,8 +1410,10 @@ def prepare(args, out):
     test questions)."""
     if args.demo:
         args.model, args.data_dir = build_demo(out)
-    sft_rows, judge_rows, prompt_rows = load_data(args)
-    data = json.dumps([sft_rows, judge_rows, prompt_rows]).encode()
+    sft_rows, judge_rows, prompt_rows, pointwise_rows = load_data(args)
+    # pointwise rows only where given: a run made before they existed keeps its hash
+    data = json.dumps([sft_rows, judge_rows, prompt_rows] + [pointwise_rows] * bool(
+        pointwise_rows)).encode()
     bench_rows = load_reward_bench(args) if args.eval_reward_bench else None
     tokenizer = load_tokenizer(args.model)
     try:
@@ -1337,8 +1424,11 @@ def prepare(args, out):
     pools = iteration_pools(tokenizer, prompt_rows, args)
     bench = reward_bench_pairs(tokenizer, bench_rows, args) if args.eval_reward_bench else None
     tests = eval_questions(tokenizer, load_eval_data(args), args) if args.evaluate else None
+    instructions = alpaca_eval_instructions(tokenizer, args) if args.alpaca_eval else None
     check_same_settings(out, args, hashlib.sha256(data).hexdigest())  # from here on, files
-    return tokenizer, identifier_ids, sft_rows, judge_rows, pools, bench, tests
+    if args.method == "srlm":  # SRLM's judge learns from pointwise judgements (App. C.1)
+        judge_rows = pointwise_rows
+    return tokenizer, identifier_ids, sft_rows, judge_rows, pools, bench, tests, instructions
 
 
 def iteration_pools(tokenizer, prompt_rows, args):
@@ -1897,6 +1987,8 @@ def check_method(args, given):
         fail(f"{ablations[0]} is an ablation of SCIR, not of --method {args.method}")
     if args.method != "external" and "reward_model" in given:
         fail(f"--reward_model belongs to --method external, not to --method {args.method}")
+    if args.method != "srlm" and "pointwise_examples" in given:
+        fail(f"--pointwise_examples belongs to --method srlm, not to --method {args.method}")
     self_reference = (args.global_reference or args.model) == args.model
     if args.sft_epochs == 0 and self_reference:
         fail("--sft_epochs 0 makes M0 the global reference itself, so P = 0.5 for every pair: "
@@ -1908,7 +2000,8 @@ def check_method(args, given):
             f"model, --global_reference mistralai/Mistral-7B-v0.3", file=sys.stderr)
 
 
-AFTER_THE_FACT = ("output_dir", "eval_reward_bench", "evaluate", "eval_limit")  # no training file
+AFTER_THE_FACT = ("output_dir", "eval_reward_bench", "evaluate", "eval_limit",
+                  "alpaca_eval")  # they change no training file
 
 
 def check_same_settings(out, args, data_sha256):
@@ -1979,6 +2072,10 @@ def build_demo(out):
     write_jsonl(data_dir / "rewardbench.jsonl", [  # one subset of each kind
         {"prompt": p, "chosen": good, "rejected": bad, "subset": subsets[j % 5]}
         for j, (p, good, bad) in enumerate(DEMO_DATA)])
+    write_jsonl(data_dir / "pointwise.jsonl", [  # --method srlm's judge examples
+        {"prompt": p, "response": response, "judgement": f"Score: {score}"}
+        for p, good, bad in DEMO_DATA for response, score in ((good, 5), (bad, 1))])
+    write_jsonl(data_dir / "alpaca_eval.jsonl", [{"instruction": p} for p, _, _ in DEMO_DATA])
     return str(model_dir), str(data_dir)
 
 

@@ -5,12 +5,13 @@ evaluation (Table 1); both final tables. Against hand-worked cases and brute for
 the CLI."""
 
 import json
+import shutil
 from pathlib import Path
 import math
 
 import pytest
 import torch
-from conftest import read_jsonl
+from conftest import read_jsonl, write_jsonl
 
 import cream
 import prompts
@@ -739,11 +740,12 @@ def test_scir_hub_loaders_on_rows_shaped_like_the_hub(monkeypatch):
         return datasets.Dataset.from_list(hub[repo])
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     args = scir.parse_args(["--model", "m", "--sft_examples", "2", "--eval_reward_bench"])
-    sft, judge, prompt_rows = scir.load_hub_data(args)
+    sft, judge, prompt_rows, pointwise = scir.load_hub_data(args)
     alpaca_prompts = {f"Task {k}." + ("\n\nsome input" if k % 2 else "") for k in range(6)}
     assert len(sft) == 3 and {row["prompt"] for row in sft[:2]} <= alpaca_prompts
     assert sft[2] == {"prompt": "Hi?", "response": "Hello."}  # LIMA: the first exchange; a lone turn is skipped
     assert judge == [{"prompt": "Why?", "chosen": "Because.", "rejected": "No."}]
+    assert pointwise == []  # no public pointwise judgements: SRLM's would need a 70B judge
     assert len(prompt_rows) == 4 and {row["prompt"] for row in prompt_rows} | {row["prompt"] for row in sft[:2]} \
         == alpaca_prompts  # the pools hold the Alpaca rows SFT did not use
     assert scir.load_reward_bench(args) == [dict(hub["allenai/reward-bench"][0])]
@@ -908,3 +910,75 @@ def test_extract_number_without_a_leading_zero():
     extracted = cream.extract_answer("Answer: .5", "number")
     assert cream.is_correct(extracted, "0.5") and not cream.is_correct(extracted, "5")
     assert cream.is_correct(cream.extract_answer("Answer: -.25", "number"), "-0.25")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# SRLM's SFT (SCIR Appendix C.1): pointwise Table 6 judgements, from pointwise.jsonl in --data_dir
+# ------------------------------------------------------------------------------------------------------------------
+POINTWISE_ROWS = [
+    {"prompt": "What is 2 + 3?", "response": "2 + 3 = 5.", "judgement": "It is right and clear. Score: 5"},
+    {"prompt": "What is 2 + 3?", "response": "2 + 3 = 6.", "judgement": "Wrong sum. Score: 1"},
+    {"prompt": "Who wrote Hamlet?", "response": "Hamlet wrote itself.", "judgement": "No. Score: 0"},
+]
+
+
+def srlm_sft_batches(monkeypatch, tmp_path, tiny_model_dir, data, *extra):
+    """Run an srlm M0 and return the SFT micro-batches train saw, decoded: [(whole text, target text)]."""
+    original, seen = scir.train, []
+
+    def recording(model, batches, loss_fn, lr_flag, args, desc):
+        if desc.startswith("SFT"):
+            seen.extend(batches)
+        return original(model, batches, loss_fn, lr_flag, args, desc)
+    monkeypatch.setattr(scir, "train", recording)
+    argv = ["--model", tiny_model_dir, "--data_dir", str(data), "--output_dir", str(tmp_path / "run"),
+            "--method", "srlm", *map(str, SCIR_SMALL), *extra]
+    try:
+        scir.main(argv)
+    except SystemExit:  # the tiny random M0 may write no score, and iteration 1 has no pair
+        pass
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    texts = []
+    for input_ids, attention_mask, labels in seen:
+        for ids, mask, target in zip(input_ids, attention_mask, labels):
+            texts.append((tokenizer.decode(ids[mask.bool()]), tokenizer.decode(target[target != -100])))
+    return texts, json.loads((tmp_path / "run" / "M0" / "training_summary.json").read_text())
+
+
+def test_srlm_sft_learns_the_pointwise_judgements(monkeypatch, tmp_path, tiny_model_dir, data_dir, capsys):
+    """Each pointwise row becomes one SFT example: Table 6's prompt with the response in it, and the judgement,
+    ending in its score, as the only trained tokens."""
+    data = tmp_path / "data"
+    shutil.copytree(data_dir, data)
+    write_jsonl(data / "pointwise.jsonl", POINTWISE_ROWS)
+    texts, summary = srlm_sft_batches(monkeypatch, tmp_path, tiny_model_dir, data)
+    assert summary["judge_examples"] == len(POINTWISE_ROWS)
+    assert summary["examples"] == len(read_jsonl(data / "sft.jsonl")) + len(POINTWISE_ROWS)
+    template_start = prompts.POINTWISE_JUDGE_TEMPLATE.split("{")[0].strip()[:40]
+    for row in POINTWISE_ROWS:
+        matches = [(whole, target) for whole, target in texts
+                   if row["response"] in whole and template_start in whole and row["judgement"] in target]
+        assert matches, row
+        assert all(target.strip().startswith(row["judgement"]) for _, target in matches)
+    assert "pointwise.jsonl" not in capsys.readouterr().out
+
+
+def test_srlm_without_pointwise_judgements_says_so(monkeypatch, tmp_path, tiny_model_dir, data_dir, capsys):
+    texts, summary = srlm_sft_batches(monkeypatch, tmp_path, tiny_model_dir, data_dir)
+    assert summary["judge_examples"] == 0
+    notes = [line for line in capsys.readouterr().out.splitlines() if "pointwise.jsonl" in line]
+    assert len(notes) == 1 and notes[0].startswith("note: --method srlm without pointwise.jsonl")
+
+
+def test_a_pointwise_judgement_without_a_score_is_refused(tmp_path, tiny_model_dir, data_dir):
+    data = tmp_path / "data"
+    shutil.copytree(data_dir, data)
+    write_jsonl(data / "pointwise.jsonl", POINTWISE_ROWS[:1] + [dict(POINTWISE_ROWS[1], judgement="Bad answer.")])
+    with pytest.raises(SystemExit) as exit_info:
+        scir.main(["--model", tiny_model_dir, "--data_dir", str(data), "--output_dir", str(tmp_path / "run"),
+                   "--method", "srlm", *map(str, SCIR_SMALL)])
+    assert str(exit_info.value.code) == (f"scir.py: error: {data / 'pointwise.jsonl'}: row 2: the judgement gives "
+                                         f"no score 'Score: N' (N in 0..5)")
+    assert not (tmp_path / "run" / "M0").exists()
