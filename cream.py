@@ -626,6 +626,12 @@ def write_jsonl(path, rows):
     write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
+def check_file(path, what=""):
+    """A data file the run needs: one line if it is missing, or is not a file."""
+    if not path.is_file():
+        fail(f"{path} {'is not a file' if path.exists() else 'is missing'}{what}")
+
+
 def cached(path, expected, keys, compute):
     """The rows of path if an earlier run wrote it (resume), else compute() written there; they
     must match `expected` row for row on `keys`, or the file is named as stale."""
@@ -748,8 +754,7 @@ def load_data(args):
     if args.evaluate:
         files["eval.jsonl"] = ["prompt", "answer", "task"]
     for name in files:
-        if not (data_dir / name).is_file():
-            fail(f"{data_dir / name} is missing")
+        check_file(data_dir / name)
     rows = {name: read_jsonl(data_dir / name, required) for name, required in files.items()}
     for number, row in enumerate(rows.get("eval.jsonl", []), 1):
         if answer_kind(row["answer"]) is None:
@@ -788,7 +793,8 @@ def eval_questions(tokenizer, tests, args):
         if args.eval_limit and seen[row["task"]] > args.eval_limit:
             continue  # not scored in this run
         if len(encode(tokenizer, eval_prompt(row))) > args.max_length - args.max_new_tokens:
-            fail(f"eval row {number} (task {row['task']}): the question is longer than "
+            source = Path(args.data_dir) / "eval.jsonl" if args.data_dir else "the test split"
+            fail(f"{source}: row {number} (task {row['task']}): the question is longer than "
                  f"--max_length - --max_new_tokens")
         rows.append(row)
     return rows
@@ -797,8 +803,9 @@ def eval_questions(tokenizer, tests, args):
 def prepare(args, out):
     """Every check before a file is written: the data, the tokenizer against the model, each
     iteration's prompts, the test questions, an earlier run's settings -> what main needs."""
-    if args.demo:
-        args.model, args.data_dir = build_demo(out)
+    if args.demo:  # the demo's own model and data, where no flag names others
+        demo_model, demo_data = build_demo(out)
+        args.model, args.data_dir = args.model or demo_model, args.data_dir or demo_data
     sft_rows, prompt_rows, tests = load_data(args)
     # not the test rows: they change no training file, and their cached replies are checked
     data_sha256 = hashlib.sha256(json.dumps([sft_rows, prompt_rows]).encode()).hexdigest()
@@ -1189,6 +1196,8 @@ def parse_args(argv=None):
         for name, value in DEMO.items():
             if name not in given:
                 setattr(args, name, value)
+        if "model" not in given:  # the demo's own model, built in the output folder
+            args.model = None
     check_args(args)
     if args.output_dir is None:
         args.output_dir = "runs/cream-demo" if args.demo else f"runs/cream-{Path(args.model).name}"
@@ -1234,25 +1243,42 @@ def check_same_settings(out, args, data_sha256):
     """Resuming is sound only with the settings and data that made the files: a folder holding a
     result made with others is refused; one without a result takes the new settings."""
     path = out / "args.json"
-    current = {k: v for k, v in asdict(args).items() if k not in AFTER_THE_FACT}
+    settings = bound_paths(asdict(args), out)
+    current = {k: v for k, v in settings.items() if k not in AFTER_THE_FACT}
     current["data_sha256"] = data_sha256
     results = [f for f in out.iterdir() if re.fullmatch(
         r"(M|iter)\d+|metrics\.jsonl|table\.md|evaluation\.jsonl|eval", f.name)]
-    if path.exists() and results:
+    if results and not path.exists():  # deleting it is no fresh start: the results stay
+        fail(f"{path} is missing, and {out} holds results made with the settings it held: put "
+             f"it back, or use a new --output_dir")
+    if results:
         try:
             saved = json.loads(path.read_text())
         except ValueError:
             saved = None
         if not isinstance(saved, dict):
-            fail(f"{path} is damaged: delete it, and rerun the command that made the run to "
-                 f"resume it")
-        saved = {f.name: f.default for f in fields(Args)} | saved  # a flag added after the run
+            fail(f"{path} is damaged, so the settings that made the results in {out} are "
+                 f"unknown: repair it, or use a new --output_dir")
+        saved = bound_paths({f.name: f.default for f in fields(Args)} | saved, out)  # new flags
         changed = [f"--{k} {saved.get(k)!r} (now {v!r})" if k != "data_sha256"
                    else "the data files changed" for k, v in current.items() if saved.get(k) != v]
         if changed:
             fail(f"{out} holds a run made with other settings or data: {', '.join(changed)}; "
                  f"rerun with those or use a new --output_dir")
-    write_text(path, json.dumps(asdict(args) | {"data_sha256": data_sha256}, indent=1))
+    write_text(path, json.dumps(settings | {"data_sha256": data_sha256}, indent=1))
+
+
+def bound_paths(settings, out):
+    """settings with each flag that names a local folder or file resolved, and one inside out
+    written relative to it ('<output_dir>/demo-M0'): a folder moved, or spelled another way,
+    still holds the same run."""
+    for name in ("model", "data_dir"):
+        value = settings.get(name)
+        if isinstance(value, str) and Path(value).expanduser().exists():
+            resolved, folder = Path(value).expanduser().resolve(), out.resolve()
+            settings[name] = (f"<output_dir>/{resolved.relative_to(folder).as_posix()}"
+                              if resolved.is_relative_to(folder) else str(resolved))
+    return settings
 
 
 # --- Plumbing: --demo, a tiny random Llama and a byte-level BPE tokenizer, built offline ---

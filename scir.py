@@ -1207,6 +1207,12 @@ def write_jsonl(path, rows):
     write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
+def check_file(path, what=""):
+    """A data file the run needs: one line if it is missing, or is not a file."""
+    if not path.is_file():
+        fail(f"{path} {'is not a file' if path.exists() else 'is missing'}{what}")
+
+
 def cached(path, expected, keys, compute):
     """The rows of path if an earlier run wrote it (resume), else compute() written there; they
     must match `expected` row for row on `keys` (no keys: in number), or the file is stale."""
@@ -1307,8 +1313,7 @@ def load_data(args):
     if args.judge_sft_only:
         del needed["sft.jsonl"]
     for name in needed:
-        if not (data_dir / name).is_file():
-            fail(f"{data_dir / name} is missing")
+        check_file(data_dir / name)
     if args.method == "srlm" and (data_dir / "pointwise.jsonl").is_file():
         needed["pointwise.jsonl"] = ["prompt", "response", "judgement"]
     rows = {name: read_jsonl(data_dir / name, keys) for name, keys in needed.items()}
@@ -1335,8 +1340,7 @@ def load_reward_bench(args):
         source = "allenai/reward-bench"
     else:
         source = Path(args.data_dir) / "rewardbench.jsonl"
-        if not source.is_file():
-            fail(f"{source} is missing (--eval_reward_bench)")
+        check_file(source, " (--eval_reward_bench)")
         rows = read_jsonl(source, ["prompt", "chosen", "rejected", "subset"])
     known = {name for names in REWARD_BENCH_SECTIONS.values() for name in names}
     for number, row in enumerate(rows, 1):
@@ -1356,8 +1360,7 @@ def load_eval_data(args):
     answer}]: a letter (options written 'A. ...' in the prompt) or a number."""
     if args.data_dir is not None:
         path = Path(args.data_dir) / "eval.jsonl"
-        if not path.is_file():
-            fail(f"{path} is missing (--evaluate)")
+        check_file(path, " (--evaluate)")
         tests = read_jsonl(path, ["task", "prompt", "answer"])
         for number, row in enumerate(tests, 1):
             if answer_kind(row["answer"]) is None:
@@ -1383,8 +1386,7 @@ def alpaca_eval_instructions(tokenizer, args):
     -> [{instruction, dataset}], each leaving room to answer."""
     if args.data_dir is not None:
         source = Path(args.data_dir) / "alpaca_eval.jsonl"
-        if not source.is_file():
-            fail(f"{source} is missing (--alpaca_eval)")
+        check_file(source, " (--alpaca_eval)")
         rows = read_jsonl(source, ["instruction"])
     else:
         from datasets import load_dataset
@@ -1408,8 +1410,9 @@ def prepare(args, out):
     """Data, tokenizer and models checked, the prompt pool of each iteration, then args.json ->
     (tokenizer, identifier ids, SFT rows, judge rows, [(pool, too long)], RewardBench pairs,
     test questions)."""
-    if args.demo:
-        args.model, args.data_dir = build_demo(out)
+    if args.demo:  # the demo's own model and data, where no flag names others
+        demo_model, demo_data = build_demo(out)
+        args.model, args.data_dir = args.model or demo_model, args.data_dir or demo_data
     sft_rows, judge_rows, prompt_rows, pointwise_rows = load_data(args)
     # pointwise rows only where given: a run made before they existed keeps its hash
     data = json.dumps([sft_rows, judge_rows, prompt_rows] + [pointwise_rows] * bool(
@@ -1461,7 +1464,8 @@ def eval_questions(tokenizer, tests, args):
         if args.eval_limit and seen[row["task"]] > args.eval_limit:
             continue
         if len(encode(tokenizer, eval_prompt(row))) > args.max_length - args.max_new_tokens:
-            fail(f"eval row {number} (task {row['task']}): the question is longer than "
+            source = Path(args.data_dir) / "eval.jsonl" if args.data_dir else "the test split"
+            fail(f"{source}: row {number} (task {row['task']}): the question is longer than "
                  f"--max_length - --max_new_tokens")
         scored.append(row)
     return scored
@@ -1480,12 +1484,7 @@ def check_models(args, tokenizer):
             fail(f"--global_reference {args.global_reference!r} has another tokenizer than "
                  f"--model: Eq. 4 needs both to give the same token ids")
     if args.method == "external":
-        reward_model_tokenizer(args.reward_model)
-        config = AutoConfig.from_pretrained(args.reward_model)
-        if config.num_labels != 1 or not any(a.endswith("ForSequenceClassification")
-                                             for a in config.architectures or []):
-            fail(f"--reward_model {args.reward_model!r} is not a reward model (a sequence "
-                 f"classifier with one output)")
+        check_reward_model(args.reward_model)
     if args.method == "scir":  # the pairwise prompts, read after '[['
         templates, prefix = [text for text, _ in judge_prompts("", "", "")], ANSWER_PREFIX
     else:  # Table 6's prompt, answered by a sampled judgement
@@ -1546,6 +1545,37 @@ def no_transformers_bars(factory, args, kwargs):
 
 
 hf_logging.set_tqdm_hook(no_transformers_bars)  # on import: before the first load or save
+
+
+def check_reward_model(path):
+    """Before SFT, --reward_model as Table 2's external baseline loads it, read cheaply: config,
+    chat template, an embedding for every token of its tokenizer, and, in a local folder,
+    weights, the score head among them (read from the safetensors headers)."""
+    flag = f"--reward_model {str(path)!r}"
+    if str(path).startswith(("/", ".", "~")) and not Path(path).expanduser().is_dir():
+        fail(f"{flag}: no such folder")
+    tokenizer = reward_model_tokenizer(path)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except Exception as e:
+        fail(f"cannot read the config of {flag} ({first_line(e)})")
+    if config.num_labels != 1 or not any(a.endswith("ForSequenceClassification")
+                                         for a in config.architectures or []):
+        fail(f"{flag} is not a reward model (a sequence classifier with one output)")
+    if len(tokenizer) > config.get_text_config().vocab_size:
+        fail(f"{flag} embeds {config.get_text_config().vocab_size} tokens, but its tokenizer has "
+             f"{len(tokenizer)}")
+    folder = Path(path).expanduser()
+    if folder.is_dir():  # a Hub id is checked when it loads
+        names = set()
+        for weights in folder.glob("*.safetensors"):
+            with open(weights, "rb") as f:
+                header_size = int.from_bytes(f.read(8), "little")
+                names |= set(json.loads(f.read(header_size)))
+        if not names and not any(folder.glob("*.bin")):
+            fail(f"{flag} has no weights (*.safetensors or *.bin)")
+        if names and not any(name.split(".")[-2:] == ["score", "weight"] for name in names):
+            fail(f"{flag} has no score head (score.weight) among its weights")
 
 
 def check_vocabulary(path, tokenizer, flag):
@@ -1925,6 +1955,8 @@ def parse_args(argv=None):
         for name, value in overrides.items():
             if enabled and name not in given:
                 setattr(args, name, value)
+    if args.demo and "model" not in given:  # the demo's own model, built in the output folder
+        args.model = None
     check_args(args)
     check_method(args, given)
     if args.output_dir is not None and Path(args.output_dir).exists() and not Path(
@@ -2008,26 +2040,44 @@ def check_same_settings(out, args, data_sha256):
     """Resuming is only sound with the settings and data that made the files: refuse a folder of
     results made with other ones. A folder without results takes the new settings."""
     path = out / "args.json"
-    current = {k: v for k, v in asdict(args).items() if k not in AFTER_THE_FACT}
+    settings = bound_paths(asdict(args), out)
+    current = {k: v for k, v in settings.items() if k not in AFTER_THE_FACT}
     current["data_sha256"] = data_sha256
     results = [f for f in out.iterdir()
                if re.fullmatch(r"(M|iter)\d+|metrics\.jsonl|table\.md|reward_bench", f.name)]
-    if path.exists() and results:
+    if results and not path.exists():  # deleting it is no fresh start: the results stay
+        fail(f"{path} is missing, and {out} holds results made with the settings it held: put "
+             f"it back, or use a new --output_dir")
+    if results:
         try:
             saved = json.loads(path.read_text())
         except ValueError:
             saved = None
         if not isinstance(saved, dict):
-            fail(f"{path} is damaged: delete it, and rerun the command that made the run to "
-                 f"resume it")
+            fail(f"{path} is damaged, so the settings that made the results in {out} are "
+                 f"unknown: repair it, or use a new --output_dir")
         # fields added since that run have their defaults
-        saved = {f.name: f.default for f in fields(Args)} | {"data_sha256": data_sha256} | saved
+        saved = bound_paths({f.name: f.default for f in fields(Args)}
+                            | {"data_sha256": data_sha256} | saved, out)
         changed = [f"--{k} {saved.get(k)!r} (now {v!r})" if k != "data_sha256"
                    else "the data files changed" for k, v in current.items() if saved.get(k) != v]
         if changed:
             fail(f"{out} holds a run made with other settings or data: {', '.join(changed)}; "
                  f"rerun with those or use a new --output_dir")
-    write_text(path, json.dumps(asdict(args) | {"data_sha256": data_sha256}, indent=1))
+    write_text(path, json.dumps(settings | {"data_sha256": data_sha256}, indent=1))
+
+
+def bound_paths(settings, out):
+    """settings with each flag that names a local folder or file resolved, and one inside out
+    written relative to it ('<output_dir>/demo-base'): a folder moved, or spelled another way,
+    still holds the same run."""
+    for name in ("model", "global_reference", "data_dir", "reward_model"):
+        value = settings.get(name)
+        if isinstance(value, str) and Path(value).expanduser().exists():
+            resolved, folder = Path(value).expanduser().resolve(), out.resolve()
+            settings[name] = (f"<output_dir>/{resolved.relative_to(folder).as_posix()}"
+                              if resolved.is_relative_to(folder) else str(resolved))
+    return settings
 
 
 # --- The demo: a tiny random Llama and a byte-level BPE built here, offline ---
@@ -2049,8 +2099,9 @@ def build_demo(out):
         bpe = Tokenizer(models.BPE())
         bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         bpe.decoder = decoders.ByteLevel()
-        # trained on the judge templates too, so judge prompts compress
-        corpus = [" ".join(row) for row in DEMO_DATA] + list(prompts.PAIRWISE_JUDGE_TEMPLATES)
+        # trained on the judge templates too, so judge prompts (the baselines' too) compress
+        corpus = [" ".join(row) for row in DEMO_DATA] + list(prompts.PAIRWISE_JUDGE_TEMPLATES) + [
+            prompts.POINTWISE_JUDGE_TEMPLATE]
         bpe.train_from_iterator(corpus * 4, trainers.BpeTrainer(
             vocab_size=1000, special_tokens=["<s>", "</s>"],
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
@@ -2076,6 +2127,10 @@ def build_demo(out):
         {"prompt": p, "response": response, "judgement": f"Score: {score}"}
         for p, good, bad in DEMO_DATA for response, score in ((good, 5), (bad, 1))])
     write_jsonl(data_dir / "alpaca_eval.jsonl", [{"instruction": p} for p, _, _ in DEMO_DATA])
+    write_jsonl(data_dir / "eval.jsonl", [  # for --evaluate: an MMLU-style and a GSM8K question
+        {"task": "mmlu", "prompt": "Which one is a color?\nA. red\nB. dog\nC. seven",
+         "answer": "A"},
+        {"task": "gsm8k", "prompt": "What is 10 minus 4?", "answer": "6"}])
     return str(model_dir), str(data_dir)
 
 

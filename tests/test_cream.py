@@ -828,7 +828,8 @@ def test_e2e_non_finite_loss_stops_and_keeps_saved_models(e2e, tmp_path, monkeyp
     for name in ("M2", "M3", "iter2"):
         shutil.rmtree(out / name)
     (out / "metrics.jsonl").unlink()
-    (out / "args.json").unlink()  # settings change on purpose: a fresh args.json, not a refused resume
+    settings = json.loads((out / "args.json").read_text())  # --epochs 2 on purpose: not a refused resume
+    (out / "args.json").write_text(json.dumps(dict(settings, epochs=2)))
     before = {k: v[0] for k, v in snapshot(out).items() if k != "args.json"}
     argv = [str(a) for a in e2e["argv"]]
     argv[argv.index("--output_dir") + 1] = str(out)

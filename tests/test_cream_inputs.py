@@ -176,7 +176,7 @@ def test_eval_question_too_long_is_named_before_sft(tiny_model_dir, tiny_tokeniz
     data = copy_data(data_dir, tmp_path / "data", eval=text)
     out = tmp_path / "out"
     message = error_of(lambda: cream.main(argv(tiny_model_dir, data, out, "--evaluate")))
-    assert ("eval row 3 (task gsm8k): the question is longer than --max_length - --max_new_tokens"
+    assert ("eval.jsonl: row 3 (task gsm8k): the question is longer than --max_length - --max_new_tokens"
             in message)
     assert not (out / "args.json").exists() and not (out / "M1").exists()
     # with --eval_limit 1 the long question, the second of its task, is never scored: no error
@@ -279,6 +279,8 @@ def damage(case, run):
     elif case == "emptied_model":
         for f in (run / "M2").iterdir():
             f.unlink()
+    elif case == "args_deleted":  # deleting it is no fresh start: other settings would mix in
+        (run / "args.json").unlink()
     elif case == "args_cut":
         (run / "args.json").write_text((run / "args.json").read_text()[:40])
     elif case == "args_not_object":
@@ -299,8 +301,9 @@ STALE = "does not match this run's data or its earlier steps: delete it to recom
 @pytest.mark.parametrize("case,culprit", [
     ("cut_jsonl", "iter1/samples.jsonl:2 is damaged (not a JSON object): delete it to recompute"),
     ("emptied_model", "M2 is incomplete or damaged: delete it, and rerun to redo it"),
-    ("args_cut", "args.json is damaged: delete it"),
-    ("args_not_object", "args.json is damaged: delete it"),
+    ("args_cut", "args.json is damaged, so the settings that made the results"),
+    ("args_not_object", "args.json is damaged, so the settings that made the results"),
+    ("args_deleted", "args.json is missing, and"),
     ("samples_of_other_prompts", f"iter1/samples.jsonl {STALE}"),
     ("rewards_of_other_samples", f"iter1/rewards.jsonl {STALE}"),
     ("other_pairs", f"iter1/pairs.jsonl {STALE}"),

@@ -99,6 +99,7 @@ def test_demo_under_two_processes_resumes_from_one_process_files(tmp_path, scrip
         shutil.copytree(one / name, two / name)
     (two / "iter1").mkdir()
     shutil.copy(one / "iter1" / "samples.jsonl", two / "iter1" / "samples.jsonl")
+    shutil.copy(one / "args.json", two / "args.json")  # the settings that made them, moved along
     second = torchrun(script, "--demo", "--iterations", 1, "--output_dir", two)
     assert second.returncode == 0, second.stderr[-3000:]
     assert second.stdout.count("| M1 |") == 1  # the table, printed by rank 0 only

@@ -224,8 +224,9 @@ def damaged_copy(finished, tmp_path, edit):
 @pytest.mark.parametrize("case,culprit", [
     ("cut_jsonl", "iter1/samples.jsonl:2 is damaged (not a JSON object): delete it"),
     ("emptied_model", "M1 is incomplete or damaged: delete it"),
-    ("args_cut", "args.json is damaged: delete it"),
-    ("args_not_object", "args.json is damaged: delete it"),
+    ("args_cut", "args.json is damaged, so the settings that made the results"),
+    ("args_not_object", "args.json is damaged, so the settings that made the results"),
+    ("args_deleted", "args.json is missing, and"),
     ("samples_of_other_prompts", "iter1/samples.jsonl does not match this run's data or its earlier steps: delete"),
 ])
 def test_damaged_resume_state_is_named(case, culprit, finished, tmp_path):
@@ -236,6 +237,8 @@ def test_damaged_resume_state_is_named(case, culprit, finished, tmp_path):
         elif case == "emptied_model":
             for f in (run / "M1").iterdir():
                 f.unlink()
+        elif case == "args_deleted":  # deleting it is no fresh start: other settings would mix in
+            (run / "args.json").unlink()
         elif case == "args_cut":
             (run / "args.json").write_text((run / "args.json").read_text()[:40])
         elif case == "args_not_object":
