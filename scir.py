@@ -113,8 +113,11 @@ class Args:
     eval_reward_bench: bool = flag(False, None, (
         "Figure 3: IRM, GRM and their agreeing subset of each M_k on RewardBench"))
     evaluate: bool = flag(False, None, (
-        "Table 2's GSM8K and MMLU, zero-shot, of each M_k: one greedy reply a question, read by "
-        "the flexible and the strict rule (README; offline: eval.jsonl)"))
+        "Table 2's GSM8K and MMLU, zero-shot, of each M_k: one reply a question, sampled as "
+        "section 4.1 says (--temperature, --top_p, seeded), read by the flexible and the strict "
+        "rule (README; offline: eval.jsonl)"))
+    eval_greedy: bool = flag(False, None, (
+        "--evaluate decodes greedily instead (CREAM's protocol; not SCIR's), in eval/M<k>-greedy"))
     eval_limit: int = flag(0, "[0,inf)", "score the first N questions of each task (0: all)")
     # hardware and batching (not in the paper)
     batch_size: int = flag(1, "[1,inf)", (
@@ -1020,15 +1023,17 @@ def reward_bench_pairs(tokenizer, rows, args):
 # --- Table 2's GSM8K and MMLU columns: zero-shot, read by prompts.py's two rules ---
 def evaluate_models(args, tokenizer, tests, out):
     """Accuracy of M0 (SFT) .. M_T on each task by both rules -> {k: {task: {"flexible": a,
-    "strict": a}}}; replies in eval/."""
+    "strict": a}}}; replies in eval/, a file per decoding, so neither reuses the other's."""
     (out / "eval").mkdir(exist_ok=True)
+    decoding = "greedy" if args.eval_greedy else "sampled"
     limit = f"-first{args.eval_limit}" if args.eval_limit else ""
     results = {}
 
-    def answers_of(k):
-        return greedy_answers(load_model(out / f"M{k}", args), tokenizer, tests, args)
+    def answers_of(k):  # seeded apart from training's sampling, so a rerun samples the same
+        model = load_model(out / f"M{k}", args, seed=args.seed + 1000 * k + 5)
+        return greedy_answers(model, tokenizer, tests, args)
     for k in range(args.iterations + 1):
-        rows = cached(out / "eval" / f"M{k}-greedy{limit}.jsonl", tests,
+        rows = cached(out / "eval" / f"M{k}-{decoding}{limit}.jsonl", tests,
                       ("task", "prompt", "answer"), partial(answers_of, k))
         results[k] = {}
         for task in dict.fromkeys(row["task"] for row in rows):
@@ -1039,10 +1044,11 @@ def evaluate_models(args, tokenizer, tests, out):
 
 
 def greedy_answers(model, tokenizer, tests, args):
-    """One greedy reply per test question -> rows with the reply, the answers the strict and the
-    flexible rule read, and if each is right."""
+    """One reply per test question, sampled as section 4.1 says (greedy with --eval_greedy) ->
+    rows with the reply, the answers the strict and the flexible rule read, and if each is right."""
     replies = data_parallel(partial(sample_responses, model.eval(), tokenizer, args=args,
-                                    greedy=True), [eval_prompt(row) for row in tests])
+                                    num_samples=1, greedy=args.eval_greedy),
+                            [eval_prompt(row) for row in tests])
     return [dict(row, reply=reply["response"], **read_answers(row, reply["response"]))
             for row, (reply,) in zip(tests, replies)]
 
@@ -1910,7 +1916,8 @@ def check_method(args, given):
             f"model, --global_reference mistralai/Mistral-7B-v0.3", file=sys.stderr)
 
 
-AFTER_THE_FACT = ("output_dir", "eval_reward_bench", "evaluate", "eval_limit")  # no training file
+AFTER_THE_FACT = ("output_dir", "eval_reward_bench", "evaluate", "eval_limit",
+                  "eval_greedy")  # no training file
 
 
 def check_same_settings(out, args, data_sha256):

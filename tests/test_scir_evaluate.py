@@ -1,5 +1,6 @@
 """scir.py --evaluate: Table 2's GSM8K and MMLU columns of M0..M_T, zero-shot, each reply read by
-the strict and the flexible rule (prompts.py), from one greedy reply a question.
+the strict and the flexible rule (prompts.py). Replies are sampled as SCIR section 4.1 says
+(temperature 0.7, top-p 0.9, seeded) unless --eval_greedy.
 
 The replies are rigged (test questions answer from a table written here), so each model's
 accuracy is known by hand; the real generation path is exercised by the e2e run without the rig.
@@ -95,13 +96,48 @@ def test_evaluate_scores_every_model_by_both_rules(monkeypatch, tmp_path, tiny_m
         assert call["prompts"][0].endswith(
             "end your reply with 'Answer: N', where N is the final number.")
         assert call["prompts"][5].endswith("where X is the letter of the correct option.")
-    rows = read_jsonl(out / "eval" / "M1-greedy.jsonl")
+    rows = read_jsonl(out / "eval" / "M1-sampled.jsonl")
     assert [row["correct_strict"] for row in rows] == [t[4] for t in TESTS]
     assert [row["correct_flexible"] for row in rows] == [t[5] for t in TESTS]
     assert rows[3]["strict"] == "42" and rows[3]["flexible"] == "3"
     cells = table_cells(out, "M1")  # the flexible figure first, the strict one beside it
     assert list(cells)[-4:] == ["GSM8K", "GSM8K strict", "MMLU", "MMLU strict"]
     assert [cells[name] for name in list(cells)[-4:]] == ["60.00", "40.00", "75.00", "25.00"]
+
+
+def test_evaluate_samples_as_section_4_1_says_and_eval_greedy_decodes_greedily(
+        monkeypatch, tmp_path, tiny_model_dir, eval_data):
+    """SCIR 4.1: temperature 0.7 and top-p 0.9 "during both the iterative training and evaluation
+    phases": one sampled reply a question, seeded (--seed + 1000 k + 5), in eval/M<k>-sampled;
+    --eval_greedy decodes greedily into eval/M<k>-greedy, never reusing the sampled replies."""
+    out = tmp_path / "run"
+    command = ["--model", tiny_model_dir, "--data_dir", eval_data, "--output_dir", out, *SMALL,
+               "--seed", 7]
+    scir.main(command)
+    seen = []
+    rig_test_replies(monkeypatch, seen)
+    scir.main(command + ["--evaluate"])
+    assert [(call["greedy"], call["num_samples"], call["seed"]) for call in seen] == [
+        (False, 1, 7 + 5), (False, 1, 7 + 1000 + 5)]
+    args = scir.parse_args(["--evaluate"])
+    assert (args.temperature, args.top_p, args.eval_greedy) == (0.7, 0.9, False)
+    seen.clear()
+    scir.main(command + ["--evaluate", "--eval_greedy"])
+    assert [call["greedy"] for call in seen] == [True, True]  # not the sampled files' replies
+    for k in (0, 1):
+        assert (out / "eval" / f"M{k}-sampled.jsonl").exists()
+        assert (out / "eval" / f"M{k}-greedy.jsonl").exists()
+    seen.clear()
+    scir.main(command + ["--evaluate"])  # a rerun reads its own files back
+    assert seen == []
+
+
+def test_eval_greedy_and_temperature_are_stated_in_help(capsys):
+    with pytest.raises(SystemExit):
+        scir.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "sampled as section 4.1 says" in text and "--eval_greedy" in text
+    assert "decodes greedily" in text
 
 
 def test_evaluate_added_to_a_finished_run_only_evaluates(monkeypatch, tmp_path, tiny_model_dir,
@@ -117,22 +153,31 @@ def test_evaluate_added_to_a_finished_run_only_evaluates(monkeypatch, tmp_path, 
     assert seen and all(len(call["prompts"]) == 2 for call in seen)  # each task's first
     assert read_jsonl(out / "metrics.jsonl")[1]["evaluation"] == {
         "gsm8k": {"flexible": 1.0, "strict": 1.0}, "mmlu": {"flexible": 1.0, "strict": 0.0}}
-    assert (out / "eval" / "M0-greedy-first1.jsonl").exists()
+    assert (out / "eval" / "M0-sampled-first1.jsonl").exists()
 
 
 def test_evaluate_real_generation_end_to_end(tmp_path, tiny_model_dir, eval_data, run_script):
-    """Without the rig: the script's own greedy replies, read by both rules."""
+    """Without the rig: the script's own sampled replies, read by both rules; the same replies
+    again when the evaluation is done afresh (seeded)."""
     out = tmp_path / "run"
-    result = run_script("scir.py", "--model", tiny_model_dir, "--data_dir", eval_data,
-                        "--output_dir", out, *SMALL, "--evaluate")
+    command = ["--model", tiny_model_dir, "--data_dir", eval_data, "--output_dir", out, *SMALL,
+               "--evaluate"]
+    result = run_script("scir.py", *command)
     assert result.returncode == 0, result.stderr[-2000:]
+    first = {}
     for k in (0, 1):
-        rows = read_jsonl(out / "eval" / f"M{k}-greedy.jsonl")
+        rows = read_jsonl(out / "eval" / f"M{k}-sampled.jsonl")
         assert [row["prompt"] for row in rows] == [t[1] for t in TESTS]
         for row in rows:  # the readings, recomputed here from the reply
             assert {key: row[key] for key in ("strict", "flexible", "correct_strict",
                                               "correct_flexible")} == prompts.read_answers(
                 row, row["reply"])
+        first[k] = [row["reply"] for row in rows]
+    shutil.rmtree(out / "eval")
+    result = run_script("scir.py", *command)
+    assert result.returncode == 0, result.stderr[-2000:]
+    for k in (0, 1):
+        assert [row["reply"] for row in read_jsonl(out / "eval" / f"M{k}-sampled.jsonl")] == first[k]
 
 
 @pytest.mark.parametrize("answer", ["five", "", "AB"])

@@ -317,6 +317,8 @@ def run_command(script, method, seed, base, data_dir, out, quick):
                  method=("srlm" if script == "cream" else "irm") if method == "oracle" else method)
     argv = [item for name, value in flags.items() for item in (f"--{name}", str(value))]
     argv.append("--evaluate")
+    if script == "scir":  # scir.py samples its evaluation as SCIR says; the world compares greedily
+        argv.append("--eval_greedy")
     if method == "oracle":
         return [sys.executable, str(Path(__file__).resolve()), "--oracle", script, "--", *argv]
     return [sys.executable, str(ROOT / f"{script}.py"), *argv]
