@@ -34,8 +34,8 @@ from transformers.generation.configuration_utils import ContinuousBatchingConfig
 from transformers.hf_argparser import HfArg
 from transformers.utils import logging as hf_logging
 
-from prompts import (DEMO_DATA, answer_kind, chat_prompt, eval_prompt, extract_answer,
-                     fill_pointwise, is_correct, parse_score, reply_format, token_ids)
+from prompts import (DEMO_DATA, answer_kind, chat_prompt, eval_prompt, fill_pointwise, parse_score,
+                     read_answers, reply_format, token_ids)
 
 
 # ======== The paper: Args, the equations, Algorithm 1 and its steps ========
@@ -509,33 +509,33 @@ def judge_samples(model, tokenizer, samples_rows, args):
     return rows
 
 
-# --- Evaluation (Table 1): greedy, zero-shot exact match on the five tasks' test questions ---
-def greedy_answers(model, tokenizer, tests, args):
-    """A greedy reply to each test question -> rows with the answer extracted and if it is right."""
+# --- Evaluation (Table 1): greedy, zero-shot, on the five tasks' test questions ---
+def eval_answers(model, tokenizer, tests, args):
+    """A greedy reply to each test question (CREAM section 4.1) -> rows with the reply, the
+    answers the strict and the flexible rule read, and if each is right."""
     replies = data_parallel(partial(sample_responses, model, tokenizer, args=args, greedy=True),
                             [eval_prompt(row) for row in tests])
-    rows = []
-    for row, (reply,) in zip(tests, replies):
-        extracted = extract_answer(reply["response"], answer_kind(row["answer"]))
-        rows.append(dict(row, reply=reply["response"], extracted=extracted,
-                         correct=is_correct(extracted, row["answer"])))
-    return rows
+    return [dict(row, reply=reply["response"], **read_answers(row, reply["response"]))
+            for row, (reply,) in zip(tests, replies)]
 
 
 def evaluate_models(args, tokenizer, tests, out):
-    """Exact match of M0, M1 (SFT), ..., M_T+1 on each task (replies in eval/) -> table rows."""
+    """Accuracy of M0, M1 (SFT), ..., M_T+1 on each task by both rules (replies in eval/) ->
+    table rows {model, task, flexible, strict, n}."""
     tasks = list(dict.fromkeys(row["task"] for row in tests))
     (out / "eval").mkdir(exist_ok=True)
     limit = f"-first{args.eval_limit}" if args.eval_limit else ""
     table = []
     for k in range(args.iterations + 2):
         path = args.model if k == 0 else out / f"M{k}"
-        rows = cached(out / "eval" / f"M{k}{limit}.jsonl", tests, ("task", "prompt", "answer"),
-                      lambda: greedy_answers(load_model(path, args), tokenizer, tests, args))
+        rows = cached(out / "eval" / f"M{k}-greedy{limit}.jsonl", tests,
+                      ("task", "prompt", "answer"),
+                      lambda: eval_answers(load_model(path, args), tokenizer, tests, args))
         for task in tasks:
-            scored = [row["correct"] for row in rows if row["task"] == task]
-            table.append({"model": f"M{k}", "task": task, "accuracy": sum(scored) / len(scored),
-                          "n": len(scored)})
+            scored = [row for row in rows if row["task"] == task]
+            table.append({"model": f"M{k}", "task": task, "n": len(scored)}
+                         | {rule: sum(row[f"correct_{rule}"] for row in scored) / len(scored)
+                            for rule in ("flexible", "strict")})
     write_jsonl(out / "evaluation.jsonl", table)
     return table
 
@@ -547,11 +547,15 @@ TASK_NAMES = {"arc_easy": "ARC-Easy", "arc_challenge": "ARC-Challenge", "openboo
 
 
 def final_table(args, metrics, evaluation):
-    """A row per model M_k: exact match per task (an arrow against M_{k-1} from M2 on) and the
-    agreement of M_k's rankings with M_{k-1}'s -> markdown."""
+    """A row per model M_k: accuracy per task by the flexible rule, then the strict (an arrow
+    against M_{k-1} from M2 on), and the agreement of M_k's rankings with M_{k-1}'s -> markdown."""
     tasks = list(dict.fromkeys(row["task"] for row in evaluation))
-    accuracy = {(row["model"], row["task"]): row["accuracy"] for row in evaluation}
-    header = ["Method", "Reward", "Iteration", *(TASK_NAMES.get(task, task) for task in tasks),
+    columns = [(task, rule) for task in tasks for rule in ("flexible", "strict")]
+    accuracy = {(row["model"], row["task"], rule): row[rule] for row in evaluation
+                for rule in ("flexible", "strict")}
+    header = ["Method", "Reward", "Iteration",
+              *(TASK_NAMES.get(task, task) + (" strict" if rule == "strict" else "")
+                for task, rule in columns),
               "Consistency C", "C used", "Kendall tau", "Spearman", "TopOrder", "Pairs",
               "Sample tokens"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -559,8 +563,9 @@ def final_table(args, metrics, evaluation):
     per_pair = args.method == "cream" and args.consistency_scope == "pair"
     for k in range(args.iterations + 2):
         cells = [*names.get(k, ("", "")), f"M{k}"]
-        for task in tasks:
-            now, before = accuracy[f"M{k}", task], accuracy[f"M{k - 1}", task] if k else None
+        for task, rule in columns:
+            now = accuracy[f"M{k}", task, rule]
+            before = accuracy[f"M{k - 1}", task, rule] if k else None
             arrow = "" if k < 2 else " ↑" if now > before else " ↓" if now < before else " ="
             cells.append(f"{100 * now:.2f}{arrow}")
         row = next((m for m in metrics if m["iteration"] == k), None)  # M_k ranks in iteration k
@@ -575,7 +580,8 @@ def final_table(args, metrics, evaluation):
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("\nC, tau, Spearman, TopOrder in row M_k: M_k's rankings of its samples against "
                  "M_{k-1}'s (Table 2's 'M_k vs M_{k-1}'); in row M1 against log pi_0 itself "
-                 "(Algorithm 1, t = 1)." + (" Exact match in percent." if tasks else ""))
+                 "(Algorithm 1, t = 1)." + (" Accuracy in percent: a task's column by the "
+                                            "flexible rule, then by the strict." if tasks else ""))
     return "\n".join(lines) + "\n"
 
 

@@ -7,6 +7,8 @@ scripts read the model's replies here too: the judge's score, and the answer to 
 
 import math
 import re
+import string
+import unicodedata
 
 # SCIR Table 5. Placeholders: {instruction}, {response_1}, {response_2}. The braces of the
 # JSON-like blocks are literal text, so never use str.format on these; use _fill below.
@@ -247,12 +249,14 @@ EVAL_SUFFIX = {
     "choice": "\n\nEnd your reply with 'Answer: X', where X is the letter of the correct option.",
     "number": "\n\nSolve it step by step and end your reply with 'Answer: N', where N is the final "
               "number."}
-NUMBER = r"-?(?:\d[\d,]*(?:\.\d+)?|\.\d+)"  # '.5' too
-# 'Answer:', 'Answer =', 'Answer -', 'answer is', '**Answer:**'; not 'Answer A would be wrong'
-STATED = r"(?i:answer)\**(?:\s*[:=-]|\s+(?i:is)\b)[\s:*]*"
-BOXED = r"\$?\\boxed\{"
-# '7 + 3 = ' before the number: the answer is the number after the last '='
-EXPRESSION = r"(?:[-+*/×÷()\d,$](?:[-+*/×÷()\d,$ \t]|\.(?=\d))*=[ \t]*)*"
+NUMBER = r"-?(?:\d[\d,]*(?:\.\d+)?|\.\d+)"  # a gold answer: '1,234', '-2.5', '.5'
+# The strict rule: "Answer:" as the prompt asks for it, markdown bold allowed around it or after it
+STATED = r"\bAnswer(?:\*\*)?:(?:\*\*)?\s*(?:\*\*)?"
+# lm-evaluation-harness's GSM8K flexible extract (gsm8k-cot-zeroshot.yaml): the last match wins
+HARNESS_NUMBER = r"(-?[$0-9.,]{2,})|(-?[0-9]+)"
+# a number read from a reply that is_correct compares by value: not '42.' (from '42..'), which
+# the harness, comparing text, does not take for 42 either
+PLAIN_NUMBER = r"-?(?:\d+(?:\.\d+)?|\.\d+)"
 
 
 def answer_kind(answer):
@@ -267,43 +271,86 @@ def eval_prompt(row):
     return row["prompt"] + EVAL_SUFFIX[answer_kind(row["answer"])]
 
 
-def extract_answer(reply, kind):
-    """The answer a reply gives: a letter A-E or a number without commas; None if it gives none.
+def options(prompt):
+    """The option texts of a multiple-choice question: its last run of lines 'A. ...', 'B. ...'
+    (as both scripts and eval.jsonl write them) -> [text of A, text of B, ...], [] if none."""
+    blocks = re.findall(r"^A\. .*(?:\n[B-Z]\. .*)*", prompt, re.MULTILINE)
+    return [line[3:] for line in blocks[-1].split("\n")] if blocks else []
 
-    Letters from a statement ('Answer: X', 'answer is (X)', '**Answer:** X', 'Answer: [X]',
-    'Answer: \\boxed{X}'), then '\\boxed{X}', then '(X)', then a reply that is only 'X' or 'X.'.
-    Only upper case: the English word 'a' is never an answer. A statement needs a separator after
-    'answer' (':', '=', '-', 'is'): 'Answer A would be wrong' is a mention. Numbers from '#### N',
-    then 'Answer: N' ('Answer = N', 'Answer: \\boxed{N}', 'Answer: 7 + 3 = N' gives N), then
-    '\\boxed{N}', then the last number.
+
+def strict_answer(reply, kind):
+    """The strict rule: the answer stated as the prompt asks, after the last 'Answer:' that states
+    one -> a letter, or a number without '$' and commas; None if no 'Answer:' states one.
+
+    'Answer' is capitalised as asked; '**Answer:**', '**Answer**:' and 'Final Answer:' count, and
+    so does bold or a parenthesis around the answer ('Answer: **(B)**'). A letter is a capital
+    standing alone: 'Answer: A cell wall' states A, 'Answer: Approximately' no letter. A number
+    is the first one after 'Answer:', '-$5' as -5: 'Answer: 3 x 4 = 12' states 3. '\\boxed{}',
+    lower case 'answer:' and 'The answer is' are no statement in this format.
     """
-    if kind == "choice":
-        stated = re.findall(STATED + rf"(?:(?i:option)\s*)?[\[(]?\**(?:{BOXED})?([A-E])\b"
-                            r"(?![.]?[a-z])(?:[*\])}]*\s+(?:or|and)\s+[\[(]?\**([A-E])\b)?", reply)
-        if stated:  # 'Answer: B or C' hedges, and answers nothing
-            first, alternative = stated[-1]
-            return first if not alternative or alternative == first else None
-        patterns = [r"\\boxed\{([A-E])\}", r"\(([A-E])\)", r"^\s*\**([A-E])\**[.)]?\s*$"]
-    else:  # 'Answer - 18': a dash; 'Answer: -18': a sign
-        patterns = [rf"####\s*\$?({NUMBER})",
-                    rf"(?i:answer)(?:\s*(?i:is))?[\s:*=]*(?:-\s+)?\$?\**(?:{BOXED})?{EXPRESSION}"
-                    rf"\$?({NUMBER})",
-                    rf"\\boxed\{{\s*\$?({NUMBER})\s*\}}",
-                    rf"({NUMBER})"]
-    for pattern in patterns:
-        found = re.findall(pattern, reply)
-        if found:
-            return found[-1].replace(",", "") if kind == "number" else found[-1]
-    return None
+    value = r"\(?([A-Z])\b" if kind == "choice" else r"(-?\$?(?:\d[\d,]*(?:\.\d+)?|\.\d+))"
+    found = re.findall(STATED + value, reply)
+    return found[-1].replace("$", "").replace(",", "") if found else None
+
+
+def _plain(text):
+    """Text as the harness's multiple-choice filter compares it: lower case, no punctuation
+    (Unicode categories P*)."""
+    return "".join(c for c in text.lower() if not unicodedata.category(c).startswith("P"))
+
+
+def flexible_answer(reply, kind, choices=()):
+    """The flexible rule: lm-evaluation-harness's flexible extract -> a letter or a number text;
+    None where the harness reads nothing (or, for letters, something that is no letter).
+
+    Numbers (its GSM8K tasks): the last match of HARNESS_NUMBER, '$' and commas dropped and one
+    final '.' (a sentence's full stop), as its exact match drops them: 'Answer: 42. (I checked
+    3 times.)' reads 3. Letters (its MMLU flan CoT zero-shot task): the last '(X)', any capital;
+    else the last option text found in the reply (both in lower case without punctuation); else
+    the last ':' followed by an option's letter, spaces between: 'Answer: A cell wall' reads A.
+    choices: the option texts in order, A first (options(prompt)).
+    """
+    if kind == "number":
+        found = re.findall(HARNESS_NUMBER, reply)
+        if not found:
+            return None
+        return "".join(found[-1]).replace("$", "").replace(",", "").removesuffix(".")
+    found = re.findall(r"\(([A-Z])\)", reply)
+    if found:
+        return found[-1]
+    if not choices:
+        return None
+    letter_of = {}
+    for letter, text in zip(string.ascii_uppercase, choices):
+        letter_of[_plain(text.strip())] = letter  # the same text twice: the later letter
+    found = re.findall("|".join(map(re.escape, letter_of)), _plain(reply))
+    if found and found[-1].strip():  # a match that is no option's whole text reads as no letter
+        return letter_of.get(found[-1].strip())
+    found = re.findall(rf":\s*([{string.ascii_uppercase[:len(choices)]}])", reply)
+    return found[-1] if found else None
 
 
 def is_correct(extracted, answer):
-    """An extracted answer against the gold one: letters exactly, numbers by value."""
+    """An extracted answer against the gold one: letters exactly; numbers by value, where the
+    harness compares text ('.5' is 0.5 here, not there; GSM8K's gold answers are integers)."""
     if extracted is None:
         return False
     if answer_kind(answer) == "choice":
         return extracted == answer
+    if not re.fullmatch(PLAIN_NUMBER, extracted):
+        return False
     return math.isclose(float(extracted), float(answer.replace(",", "")), abs_tol=1e-6)
+
+
+def read_answers(row, reply):
+    """A reply to a test question {prompt, answer} read by both rules -> {strict, flexible,
+    correct_strict, correct_flexible}."""
+    kind = answer_kind(row["answer"])
+    strict = strict_answer(reply, kind)
+    flexible = flexible_answer(reply, kind, options(row["prompt"]))
+    return {"strict": strict, "flexible": flexible,
+            "correct_strict": is_correct(strict, row["answer"]),
+            "correct_flexible": is_correct(flexible, row["answer"])}
 
 
 # --- The demo (--demo): instructions with a right and a wrong answer, offline ---

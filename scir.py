@@ -45,8 +45,8 @@ from transformers.hf_argparser import HfArg
 from transformers.utils import logging as hf_logging
 
 from prompts import (ANSWER_PREFIX, DEMO_DATA, JUDGE_IDS, answer_kind, chat_prompt, eval_prompt,
-                     extract_answer, fill_pointwise, identifier_token_ids, is_correct,
-                     judge_prompts, parse_score, reply_format, token_ids)
+                     fill_pointwise, identifier_token_ids, judge_prompts, parse_score,
+                     read_answers, reply_format, token_ids)
 
 
 # ======== The paper: Args, Eq. 3-7, the loop of section 4.1 and its steps ========
@@ -115,7 +115,11 @@ class Args:
     eval_reward_bench: bool = flag(False, None, (
         "Figure 3: IRM, GRM and their agreeing subset of each M_k on RewardBench"))
     evaluate: bool = flag(False, None, (
-        "Table 2's GSM8K and MMLU: greedy zero-shot exact match of each M_k (offline: eval.jsonl)"))
+        "Table 2's GSM8K and MMLU, zero-shot, of each M_k: one reply a question, sampled as "
+        "section 4.1 says (--temperature, --top_p, seeded), read by the flexible and the strict "
+        "rule (README; offline: eval.jsonl)"))
+    eval_greedy: bool = flag(False, None, (
+        "--evaluate decodes greedily instead (CREAM's protocol; not SCIR's), in eval/M<k>-greedy"))
     eval_limit: int = flag(0, "[0,inf)", "score the first N questions of each task (0: all)")
     alpaca_eval: bool = flag(False, None, (
         "Table 2's AlpacaEval 2.0: each M_k's sampled answers, for the alpaca_eval tool (README)"))
@@ -1045,35 +1049,37 @@ def reward_bench_pairs(tokenizer, rows, args):
     return pairs
 
 
-# --- Table 2's GSM8K and MMLU columns: greedy, zero-shot, exact match (prompts.py reads) ---
+# --- Table 2's GSM8K and MMLU columns: zero-shot, read by prompts.py's two rules ---
 def evaluate_models(args, tokenizer, tests, out):
-    """Exact match of M0 (SFT) .. M_T on each task -> {k: {task: accuracy}}; replies in eval/."""
+    """Accuracy of M0 (SFT) .. M_T on each task by both rules -> {k: {task: {"flexible": a,
+    "strict": a}}}; replies in eval/, a file per decoding, so neither reuses the other's."""
     (out / "eval").mkdir(exist_ok=True)
+    decoding = "greedy" if args.eval_greedy else "sampled"
     limit = f"-first{args.eval_limit}" if args.eval_limit else ""
     results = {}
 
-    def answers_of(k):
-        return greedy_answers(load_model(out / f"M{k}", args), tokenizer, tests, args)
+    def answers_of(k):  # seeded apart from training's sampling, so a rerun samples the same
+        model = load_model(out / f"M{k}", args, seed=args.seed + 1000 * k + 5)
+        return eval_answers(model, tokenizer, tests, args)
     for k in range(args.iterations + 1):
-        rows = cached(out / "eval" / f"M{k}{limit}.jsonl", tests, ("task", "prompt", "answer"),
-                      partial(answers_of, k))
+        rows = cached(out / "eval" / f"M{k}-{decoding}{limit}.jsonl", tests,
+                      ("task", "prompt", "answer"), partial(answers_of, k))
         results[k] = {}
-        for row in rows:
-            results[k].setdefault(row["task"], []).append(row["correct"])
-        results[k] = {task: sum(hits) / len(hits) for task, hits in results[k].items()}
+        for task in dict.fromkeys(row["task"] for row in rows):
+            scored = [row for row in rows if row["task"] == task]
+            results[k][task] = {rule: sum(row[f"correct_{rule}"] for row in scored) / len(scored)
+                                for rule in ("flexible", "strict")}
     return results
 
 
-def greedy_answers(model, tokenizer, tests, args):
-    """One greedy reply per test question -> rows with the extracted answer and its score."""
+def eval_answers(model, tokenizer, tests, args):
+    """One reply per test question, sampled as section 4.1 says (greedy with --eval_greedy) ->
+    rows with the reply, the answers the strict and the flexible rule read, and if each is right."""
     replies = data_parallel(partial(sample_responses, model.eval(), tokenizer, args=args,
-                                    greedy=True), [eval_prompt(row) for row in tests])
-    rows = []
-    for row, (reply,) in zip(tests, replies):
-        extracted = extract_answer(reply["response"], answer_kind(row["answer"]))
-        rows.append(dict(row, reply=reply["response"], extracted=extracted,
-                         correct=is_correct(extracted, row["answer"])))
-    return rows
+                                    num_samples=1, greedy=args.eval_greedy),
+                            [eval_prompt(row) for row in tests])
+    return [dict(row, reply=reply["response"], **read_answers(row, reply["response"]))
+            for row, (reply,) in zip(tests, replies)]
 
 
 # --- Table 2's AlpacaEval 2.0 column: each M_k's answers, for the alpaca_eval tool to judge ---
@@ -1132,8 +1138,8 @@ def sample_metrics(samples, too_long, summary):
 
 
 def final_table(args, rows):
-    """Table 2's rows (with its GSM8K and MMLU exact match), Table 1 / Figure 2's consistency on
-    D_{t-1} and D_t, Figure 3's RewardBench accuracy (percentages) -> markdown."""
+    """Table 2's rows (GSM8K and MMLU by the flexible rule, then the strict), Table 1 / Figure 2's
+    consistency on D_{t-1} and D_t, Figure 3's RewardBench accuracy (percentages) -> markdown."""
     def cell(value, spec):
         return "-" if value is None else format(100 * value if spec == "%" else value,
                                                 ".2f" if spec == "%" else spec)
@@ -1143,7 +1149,8 @@ def final_table(args, rows):
     if with_reward_bench:
         header += ["RewardBench IRM", "RewardBench GRM", "RewardBench IRM = GRM"]
     tasks = list(rows[0].get("evaluation", {}))
-    header += [TASK_NAMES.get(task, task) for task in tasks]
+    header += [f"{TASK_NAMES.get(task, task)}{suffix}"  # the flexible rule first, as the harness
+               for task in tasks for suffix in ("", " strict")]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for k, row in enumerate(rows):
         cells = [METHOD_NAMES[args.method] if k == 0 else "", row["model"],
@@ -1153,7 +1160,8 @@ def final_table(args, rows):
         if with_reward_bench:
             cells += [cell(row["reward_bench"][name]["average"], "%")
                       for name in ("irm", "grm", "consistency")]
-        cells += [cell(row["evaluation"][task], "%") for task in tasks]
+        cells += [cell(row["evaluation"][task][rule], "%")
+                  for task in tasks for rule in ("flexible", "strict")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -2033,7 +2041,7 @@ def check_method(args, given):
 
 
 AFTER_THE_FACT = ("output_dir", "eval_reward_bench", "evaluate", "eval_limit",
-                  "alpaca_eval")  # they change no training file
+                  "eval_greedy", "alpaca_eval")  # they change no training file
 
 
 def check_same_settings(out, args, data_sha256):

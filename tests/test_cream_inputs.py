@@ -292,7 +292,7 @@ def damage(case, run):
     elif case == "other_pairs":
         edit_rows(run / "iter1" / "pairs.jsonl", lambda rows: rows[0].update(chosen="other"))
     else:  # M1's replies to other questions
-        edit_rows(run / "eval" / "M1.jsonl", lambda rows: rows[1].update(prompt="What is 9 - 4?"))
+        edit_rows(run / "eval" / "M1-greedy.jsonl", lambda rows: rows[1].update(prompt="What is 9 - 4?"))
 
 
 STALE = "does not match this run's data or its earlier steps: delete it to recompute"
@@ -307,7 +307,7 @@ STALE = "does not match this run's data or its earlier steps: delete it to recom
     ("samples_of_other_prompts", f"iter1/samples.jsonl {STALE}"),
     ("rewards_of_other_samples", f"iter1/rewards.jsonl {STALE}"),
     ("other_pairs", f"iter1/pairs.jsonl {STALE}"),
-    ("eval_of_other_questions", f"eval/M1.jsonl {STALE}"),
+    ("eval_of_other_questions", f"eval/M1-greedy.jsonl {STALE}"),
 ])
 def test_damaged_resume_state_is_named(case, culprit, finished, tmp_path):
     out, _, command = finished

@@ -317,6 +317,8 @@ def run_command(script, method, seed, base, data_dir, out, quick):
                  method=("srlm" if script == "cream" else "irm") if method == "oracle" else method)
     argv = [item for name, value in flags.items() for item in (f"--{name}", str(value))]
     argv.append("--evaluate")
+    if script == "scir":  # scir.py samples its evaluation as SCIR says; the world compares greedily
+        argv.append("--eval_greedy")
     if method == "oracle":
         return [sys.executable, str(Path(__file__).resolve()), "--oracle", script, "--", *argv]
     return [sys.executable, str(ROOT / f"{script}.py"), *argv]
@@ -365,11 +367,12 @@ def run_oracle(script, argv):
 
 # --- What the runs' artefacts say, against the ground truth ---
 def greedy_accuracy(path):
-    """Share of right greedy replies in eval/M<k>.jsonl, by this file's own reading of the reply,
-    and how many rows the script's exact match scored otherwise -> (accuracy, disagreements)."""
+    """Share of right greedy replies in eval/M<k>-greedy.jsonl, by this file's own reading of the
+    reply, and how many rows the scripts' flexible rule (also the last number) scored otherwise
+    -> (accuracy, disagreements)."""
     rows = read_jsonl(path)
     right = [last_number(row["reply"]) == int(row["answer"]) for row in rows]
-    return sum(right) / len(rows), sum(r != row["correct"] for r, row in zip(right, rows))
+    return sum(right) / len(rows), sum(r != row["correct_flexible"] for r, row in zip(right, rows))
 
 
 def sample_accuracy(samples_rows):
@@ -416,12 +419,12 @@ def analyse_run(script, method, folder):
     first = 1 if script == "cream" else 0  # the model after SFT
     figures = {"greedy": [], "extractor_disagreements": 0}
     for k in range(first, first + SHARED["iterations"] + 1):
-        path = folder / "eval" / f"M{k}.jsonl"
+        path = folder / "eval" / f"M{k}-greedy.jsonl"
         accuracy, disagreements = greedy_accuracy(path) if path.exists() else (None, 0)
         figures["greedy"].append(accuracy)
         figures["extractor_disagreements"] += disagreements
-    if script == "cream" and (folder / "eval" / "M0.jsonl").exists():
-        figures["base_greedy"] = greedy_accuracy(folder / "eval" / "M0.jsonl")[0]
+    if script == "cream" and (folder / "eval" / "M0-greedy.jsonl").exists():
+        figures["base_greedy"] = greedy_accuracy(folder / "eval" / "M0-greedy.jsonl")[0]
     metrics = read_jsonl(folder / "metrics.jsonl") if (folder / "metrics.jsonl").exists() else []
     for i in range(1, SHARED["iterations"] + 1):
         it = folder / f"iter{i}"
