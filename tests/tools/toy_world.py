@@ -1,7 +1,7 @@
 """A toy world with a known answer: watch both self-rewarding loops learn, or fail, on 2 CPU cores.
 
     python tests/tools/toy_world.py          # base, 7 methods x 5 seeds, the tables (~18 min)
-    python tests/tools/toy_world.py --quick  # 1 seed, 60 prompts an iteration (~3.5 min)
+    python tests/tools/toy_world.py --quick  # 1 seed, 60 prompts an iteration (3-4.5 min)
     python tests/tools/toy_world.py --seeds 1 2 3 --out /tmp/toyworld --jobs 2
 
 The world: single-digit addition (a + b, a and b in 1..9), asked in 4 phrasings and answered in 6
@@ -30,6 +30,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -553,8 +554,8 @@ def markdown(summary, seeds, base):
 # --- One command: the world, the runs (two at a time), the tables ---
 def run_all(out, seeds, jobs, quick):
     """Build the base and the data, run every (script, method, seed) not finished yet, jobs at a
-    time, each on one thread; a run's output goes to <out>/logs/. -> {(script, method): {seed:
-    run folder}}."""
+    time, each on one thread; a run's output goes to <out>/logs/. -> ({(script, method): {seed:
+    run folder}}, seconds or None if nothing ran, the names of the runs that failed)."""
     out = Path(out)
     start = time.time()
     base = pretrain(out / "base", BASE, log=log)
@@ -591,8 +592,8 @@ def run_all(out, seeds, jobs, quick):
                 log(f"{name}: {status} in {time.time() - began:.0f} s "
                     f"({time.time() - start:.0f} s in all)")
     if failed:
-        log(f"failed runs (see {out / 'logs'}): {', '.join(failed)}; rerun to retry them")
-    return folders, (time.time() - start) if ran else None
+        log(f"failed runs (see {out / 'logs'}): {', '.join(failed)}")
+    return folders, (time.time() - start) if ran else None, failed
 
 
 COMPARISONS = [(("scir", "scir"), ("scir", "irm")), (("scir", "scir"), ("scir", "srlm")),
@@ -621,18 +622,21 @@ def paired(results):
     return "\n".join(lines) + "\n"
 
 
-def report(out, folders, seeds, seconds=None):
+def report(out, folders, seconds=None):
     """The figures of every finished run, their means and spreads -> markdown; also results.json
-    (every run's figures) and results.md, and accuracy.png when matplotlib is importable."""
+    (every run's figures) and results.md, and accuracy.png when matplotlib is importable. The
+    seeds named are those with a finished run; the runs asked for but not finished are listed."""
     out = Path(out)
-    results = {key: {seed: analyse_run(*key, folder) for seed, folder in runs.items()
-                     if (folder / "table.md").exists()} for key, runs in folders.items()}
-    results = {key: runs for key, runs in results.items() if runs}
+    results = {key: {seed: analyse_run(*key, folder) for seed, folder in runs.items()}
+               for key, runs in finished_runs(folders).items()}
+    seeds = sorted({seed for runs in results.values() for seed in runs})
     summary = summarise(results)
     base = mean_std([f.get("base_greedy") for runs in results.values() for f in runs.values()])
     text = markdown(summary, seeds, base) + "\n" + paired(results)
-    if seconds is None and (out / "seconds.txt").exists():  # --report_only: the last full run's
-        seconds = float((out / "seconds.txt").read_text())
+    missing = [f"{s}-{m}-{seed}" for (s, m), runs in folders.items() for seed in runs
+               if seed not in results.get((s, m), {})]
+    if missing:
+        text += f"\nNot finished, so not in the tables: {', '.join(missing)}.\n"
     if seconds is not None:
         text += f"\nMeasured: {seconds / 60:.1f} minutes for the command that ran the runs.\n"
     (out / "results.md").write_text(text)
@@ -670,10 +674,25 @@ def plot(path, summary):
     figure.savefig(path, dpi=100)
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5],
-                        help="the scripts' --seed: a run of every method for each")
+def fail(message):
+    """Stop with one line and a non-zero exit, never a traceback, as cream.py and scir.py do."""
+    sys.exit(f"toy_world.py: error: {message}")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are the tool's one line (argparse's own adds a usage block)."""
+
+    def error(self, message):
+        fail(f"{message} (see --help)")
+
+
+def parse_args(argv=None):
+    """The options, every one checked before anything slow (the pretraining takes 2 minutes)."""
+    parser = Parser(description=__doc__.split("\n\n")[0], allow_abbrev=False)  # --seed is a typo
+    parser.add_argument("--seeds", type=int, nargs="+", action="extend", default=None,
+                        metavar="SEED", help=(
+                            "the scripts' --seed (0 or more): a run of every method for each "
+                            "(default 1 2 3 4 5; --quick: 1)"))
     parser.add_argument("--out", default=None, help=(
         "the world and every run (default runs/toy_world, or runs/toy_world-quick)"))
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time, one thread each")
@@ -681,18 +700,77 @@ def main(argv=None):
         "1 seed unless --seeds, 60 prompts an iteration: a check of the pipeline"))
     parser.add_argument("--report_only", action="store_true", help="tables of the finished runs")
     args = parser.parse_args(argv)
-    if args.quick and "--seeds" not in (argv or sys.argv):
-        args.seeds = [1]
+    # None, not a list, as the default: --seeds given in any spelling (--seeds 3, --seeds=3) is kept
+    if args.seeds is None:
+        args.seeds = [1] if args.quick else [1, 2, 3, 4, 5]
+    for seed in args.seeds:
+        if seed < 0:  # the scripts refuse it, so every run would fail after the pretraining
+            fail(f"--seeds must be at least 0 (each is a script's --seed), got {seed}")
+    if len(set(args.seeds)) < len(args.seeds):  # two runs would share one folder
+        fail(f"--seeds repeats a seed: {' '.join(map(str, args.seeds))}")
+    if args.jobs < 1:  # 0 would wait forever for a run that never starts
+        fail(f"--jobs must be at least 1, got {args.jobs}")
+    if args.out is not None and not args.out.strip():
+        fail("--out must name a folder, got ''")
     args.out = args.out or ("runs/toy_world-quick" if args.quick else "runs/toy_world")
+    check_out(Path(args.out), args.report_only)
+    return args
+
+
+def check_out(out, report_only):
+    """--out is a folder this user can write in (made here if need be), whose parts are folders:
+    else the pretraining would run for 2 minutes and then fail on saving."""
+    if out.exists() and not out.is_dir():
+        fail(f"--out {out} is a file, not a folder")
+    if report_only and not out.is_dir():
+        fail(f"--out {out} does not exist: --report_only reads the runs of an earlier command")
+    for name in ("base", "data", "logs", "runs"):
+        if (out / name).exists() and not (out / name).is_dir():
+            fail(f"--out {out}: {out / name} is a file, not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):  # os.access says yes to root on a read-only disk
+            pass
+    except OSError as error:
+        fail(f"--out {out} cannot be written: {error.strerror or error}")
+
+
+def finished_runs(folders):
+    """{(script, method): {seed: folder}} -> the same, only the runs that finished."""
+    finished = {key: {seed: folder for seed, folder in runs.items()
+                      if (Path(folder) / "table.md").exists()} for key, runs in folders.items()}
+    return {key: runs for key, runs in finished.items() if runs}
+
+
+def stored_seconds(out):
+    """The time of the last command whose runs all succeeded (seconds.txt), or None."""
+    try:
+        return float((Path(out) / "seconds.txt").read_text())
+    except (OSError, ValueError):  # none yet, or damaged: the tables go without a time
+        return None
+
+
+def main(argv=None):
+    args = parse_args(argv)
     if args.report_only:
         folders = {key: {seed: Path(args.out) / "runs" / f"{key[0]}-{key[1]}-{seed}"
                          for seed in args.seeds} for key in METHODS}
-        print(report(args.out, folders, args.seeds))
+        if not finished_runs(folders):  # an empty table would replace the results there
+            fail(f"--out {args.out} holds no finished run of --seeds "
+                 f"{' '.join(map(str, args.seeds))}: nothing to report")
+        print(report(args.out, folders, stored_seconds(args.out)))
         return
-    folders, seconds = run_all(args.out, args.seeds, args.jobs, args.quick)
-    if seconds is not None:  # the time of the command that ran the runs (and built the world)
+    folders, seconds, failed = run_all(args.out, args.seeds, args.jobs, args.quick)
+    if failed:  # the results files stay those of the last complete command
+        count = sum(len(runs) for runs in folders.values())
+        fail(f"{len(failed)} of {count} runs failed (see {Path(args.out) / 'logs'}): results.md "
+             f"and results.json are left as they were; rerun the same command to retry them "
+             f"(--report_only writes the tables of the finished runs)")
+    if seconds is None:  # every run had finished before: the time of the command that ran them
+        seconds = stored_seconds(args.out)
+    else:  # the time of the command that ran the runs (and built the world)
         (Path(args.out) / "seconds.txt").write_text(f"{seconds:.0f}\n")
-    print(report(args.out, folders, args.seeds, seconds))
+    print(report(args.out, folders, seconds))
     print(f"runs, logs, results.md and results.json are in {args.out}")
 
 
