@@ -472,10 +472,20 @@ def spearman_rho(x, y):
     return (rx * ry).sum().div(norm).item() if norm > 0 else 0.0
 
 
+def best_and_worst(x):
+    """[N] scores -> [N, N] P(best = i, worst = j) with ties broken uniformly at random (N >= 2):
+    uniform over the indices at the max times those at the min, never i = j (all tie)."""
+    x = torch.as_tensor(x, dtype=torch.float64)
+    joint = (x == x.max()).double()[:, None] * (x == x.min()).double()[None, :]
+    joint.fill_diagonal_(0)  # only when all tie: one response is not both best and worst
+    return joint / joint.sum()
+
+
 def top_order(x, y):
-    """TopOrder (section 4.3.1) of [N], [N] -> 1.0 iff both pick the same best and worst."""
-    x, y = torch.as_tensor(x), torch.as_tensor(y)
-    return float(x.argmax() == y.argmax() and x.argmin() == y.argmin())
+    """TopOrder (section 4.3.1) of [N], [N] -> P(both pick the same best and the same worst), ties
+    broken at random: 0 or 1 without ties; a ranking that all ties agrees by chance only,
+    1 / (N (N - 1)), carrying no ranking information as tau-a's tied pairs carry none."""
+    return (best_and_worst(x) * best_and_worst(y)).sum().item()
 
 
 def top_order_consistency(top_order_rate, n):
