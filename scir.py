@@ -412,10 +412,12 @@ def scir_batch_loss(args, tokenizer, identifier_ids, alpha_l):
                           adaptive_reference=not args.no_adaptive_reference)
         loss = alpha * terms["consistency_loss"] if args.no_dcpo else terms["loss"]
         agreed = terms["agree"]
-        metrics = {"loss": loss.mean(),
-                   "consistency_loss": terms["consistency_loss"].mean().detach(),
-                   "dpo_loss": (agreed * terms["dpo_loss"]).mean().detach(),  # 0: disagreement
-                   "dcpo_fraction": agreed.mean()}
+        metrics = {"loss": loss.mean()}  # and only the terms trained: an ablated one is left out
+        if not args.no_consistency_loss:
+            metrics["consistency_loss"] = terms["consistency_loss"].mean().detach()
+        if not args.no_dcpo:
+            metrics["dpo_loss"] = (agreed * terms["dpo_loss"]).mean().detach()  # 0: disagreement
+            metrics["dcpo_fraction"] = agreed.mean()
         return metrics, [((policy,), (policy_copy,)), ((p_grm,), (p_grm_copy,))]
     return loss_fn
 

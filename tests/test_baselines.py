@@ -147,10 +147,21 @@ def test_scir_ablations_through_the_cli(flag, tmp_path, tiny_model_dir, data_dir
     assert result.returncode == 0, result.stderr[-3000:]
     _, metrics = read_jsonl(out / "metrics.jsonl")  # rows M0, M1
     assert (out / "M1" / "config.json").exists()
+    summary = json.loads((out / "M1" / "training_summary.json").read_text())
+    table = (out / "table.md").read_text().splitlines()
+    dcpo_cell = next(line for line in table if "| M1 |" in line).split(" | ")[table[0].split(" | ").index("DCPO %")]
     if flag == "--no_consistency_loss":  # Eq. 7 without its second term: the loss is the DPO term alone
         assert metrics["loss"] == pytest.approx(metrics["dpo_loss"], rel=1e-5, abs=1e-7)
+        # only what is trained is logged: alpha = 0 trains no Eq. 6
+        assert "consistency_loss" not in summary and metrics["consistency_loss"] is None
     if flag == "--no_dcpo":  # Eq. 7 without its first term (alpha = 1): the loss is the consistency loss alone
         assert metrics["loss"] == pytest.approx(metrics["consistency_loss"], rel=1e-5, abs=1e-7)
+        # no DPO is trained, so no DPO figure is logged, and the table's DCPO % is empty
+        assert not {"dpo_loss", "dcpo_fraction"} & set(summary)
+        assert metrics["dpo_loss"] is None and metrics["dcpo_fraction"] is None
+        assert dcpo_cell == "-"
+    else:
+        assert dcpo_cell != "-" and 0 <= summary["dcpo_fraction"] <= 1
     if flag == "--single_judge_prompt":  # Q from one judge prompt, before and after training
         pairs = read_jsonl(out / "iter1" / "pairs.jsonl")
         assert all(len(p["q_prompts_start"]) == len(p["q_prompts_end"]) == 1 for p in pairs)
