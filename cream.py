@@ -507,7 +507,7 @@ def measured_consistency(reward_rows, measure):
 # --- P-SRLM's reward: a judge's scores in place of Eq. 3.9 (Table 6) ---
 def judge_samples(model, tokenizer, samples_rows, args):
     """A sampled judgement of each response (prompts.fill_pointwise) and its score, per prompt."""
-    prompts = [fill_pointwise(row["prompt"], s["response"])
+    prompts = [pointwise_prompt(tokenizer, row["prompt"], s["response"], args.max_length)
                for row in samples_rows for s in row["samples"]]
     replies = data_parallel(partial(sample_responses, model, tokenizer, args=args, num_samples=1),
                             prompts)
@@ -517,6 +517,18 @@ def judge_samples(model, tokenizer, samples_rows, args):
         rows.append({"id": row["id"], "scores": [parse_score(text) for text in texts],
                      "judgements": texts})
     return rows
+
+
+def pointwise_prompt(tokenizer, instruction, response, max_length):
+    """Table 6's prompt for one response, cut so the prompt keeps to about max_length tokens."""
+    room = max(1, max_length - len(encode(tokenizer, fill_pointwise(instruction, ""))))
+    return fill_pointwise(instruction, cut_text(tokenizer, response, room))
+
+
+def cut_text(tokenizer, text, room):
+    """text cut to at most `room` tokens, never inside a character."""
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    return text if len(ids) <= room else tokenizer.decode(ids[:room]).rstrip("\ufffd")
 
 
 # --- Evaluation (Table 1): greedy, zero-shot exact match on the five tasks' test questions ---
@@ -813,6 +825,15 @@ def prepare(args, out):
     # not the test rows: they change no training file, and their cached replies are checked
     data_sha256 = hashlib.sha256(json.dumps([sft_rows, prompt_rows]).encode()).hexdigest()
     tokenizer = load_tokenizer(args.model)
+    check_models(args, tokenizer)
+    pools = iteration_pools(tokenizer, prompt_rows, args)
+    tests = eval_questions(tokenizer, tests, args)
+    check_same_settings(out, args, data_sha256)
+    return tokenizer, sft_rows, pools, tests
+
+
+def check_models(args, tokenizer):
+    """The tokenizer fits the model, and P-SRLM's judge template fits --max_length."""
     try:
         vocab_size = AutoConfig.from_pretrained(args.model).vocab_size
     except Exception as e:
@@ -820,10 +841,11 @@ def prepare(args, out):
     if len(tokenizer) > vocab_size:
         fail(f"--model {args.model!r} embeds {vocab_size} tokens, but its tokenizer has "
              f"{len(tokenizer)}")
-    pools = iteration_pools(tokenizer, prompt_rows, args)
-    tests = eval_questions(tokenizer, tests, args)
-    check_same_settings(out, args, data_sha256)
-    return tokenizer, sft_rows, pools, tests
+    if args.method == "p-srlm":  # Table 6's prompt, answered by a sampled judgement
+        overhead = len(encode(tokenizer, fill_pointwise("", "")))
+        if args.max_length < overhead + 2:
+            fail(f"--max_length {args.max_length} cannot hold the judge prompt: its template "
+                 f"alone takes {overhead} tokens")
 
 
 # --- Plumbing: models, one resident at a time (README: 'One 80 GB GPU') ---

@@ -7,6 +7,7 @@ the CLI."""
 import json
 from pathlib import Path
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -355,11 +356,35 @@ def test_p_srlm_pairs_follow_the_judge_scores(monkeypatch, tmp_path, tiny_model_
     monkeypatch.setattr(cream, "parse_score", lambda text: float(len(text) % 5))
     out = tmp_path / "run"
     cream.main(["--model", tiny_model_dir, "--data_dir", data_dir, "--output_dir", str(out), "--method", "p-srlm",
-                *map(str, CREAM_SMALL), "--max_new_tokens", "12"])
+                *map(str, CREAM_SMALL), "--max_new_tokens", "12", "--max_length", "600"])  # the judge's template
     pairs = assert_pairs_follow_patched_scores(out)
     assert all(pair["consistency"] == 1.0 for pair in pairs)
     (metrics,) = read_jsonl(out / "metrics.jsonl")  # cream.py: one row per iteration
     assert metrics["unusable_judgements"] == 0 and metrics["pairs"] == len(pairs)
+
+
+@pytest.mark.parametrize("module", [cream, scir])
+def test_pointwise_judge_prompt_keeps_to_max_length(module, tiny_tokenizer, monkeypatch):
+    """Table 6's prompt for one response: a response that fits is kept whole; a long one is cut
+    so the prompt keeps to about max_length (a cut text may re-encode a token or two longer).
+    cream.py's P-SRLM judge builds its prompts so, as scir.py's SRLM judge does."""
+    instruction, short, long = "What do bees make?", "Bees make honey.", "Bees make honey. " * 200
+    assert module.pointwise_prompt(tiny_tokenizer, instruction, short, 500) == prompts.fill_pointwise(instruction,
+                                                                                                       short)
+    cut = module.pointwise_prompt(tiny_tokenizer, instruction, long, 500)
+    assert cut.startswith(prompts.fill_pointwise(instruction, "")[:40]) and "Bees make honey." in cut
+    assert 480 <= len(module.encode(tiny_tokenizer, cut)) <= 503
+    seen = []
+
+    def judge(model, tokenizer, texts, args, num_samples=None, greedy=False):
+        seen.extend(texts)
+        return [[{"response": "Score: 4", "token_ids": [1], "finished": True}] for _ in texts]
+    monkeypatch.setattr(module, "sample_responses", judge)
+    rows = [{"id": "a", "prompt": instruction, "samples": [{"response": short}, {"response": long}]}]
+    args = SimpleNamespace(max_length=500, num_samples=2)
+    (judged,) = module.judge_samples(torch.nn.Linear(1, 1), tiny_tokenizer, rows, args)
+    assert judged["scores"] == [4.0, 4.0]
+    assert seen == [module.pointwise_prompt(tiny_tokenizer, instruction, text, 500) for text in (short, long)]
 
 
 @pytest.mark.parametrize("reply, expected", [

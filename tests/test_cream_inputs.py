@@ -364,6 +364,15 @@ def test_second_run_on_the_same_folder_is_refused(tiny_model_dir, data_dir, tmp_
     assert not (out / "args.json").exists()
 
 
+def test_p_srlm_judge_template_longer_than_max_length_is_refused(tiny_model_dir, data_dir, tmp_path):
+    """P-SRLM's Table 6 template (about 420 tokens with the tiny tokenizer) cannot fit
+    --max_length 160: one line before any training, as scir.py's check_models says it."""
+    out = tmp_path / "out"
+    message = error_of(lambda: cream.main(argv(tiny_model_dir, data_dir, out, "--method", "p-srlm")))
+    assert "--max_length 160 cannot hold the judge prompt" in message
+    assert not (out / "M1").exists()
+
+
 def test_ctrl_c_ends_in_one_line(start_script, tiny_model_dir, data_dir, tmp_path):
     out = tmp_path / "out"
     flags = argv(tiny_model_dir, data_dir, out, "--sft_epochs", 200)
