@@ -17,6 +17,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import sys
 from dataclasses import asdict, dataclass, fields
 from functools import partial
@@ -184,9 +185,8 @@ def main(argv=None):
         evaluation = evaluate_models(args, tokenizer, tests, out) if args.evaluate else []
         table = final_table(args, metrics, evaluation)
         write_text(out / "table.md", table)
-        say(f"\n{table}\nmodels, samples, rewards, pairs, metrics.jsonl and table.md are in {out}")
-    if dist.is_initialized():
-        dist.destroy_process_group()
+        finish(f"\n{table}\nmodels, samples, rewards, pairs, metrics.jsonl and table.md are in "
+               f"{out}")
 
 
 # --- Algorithm 1's steps, in the order main takes them ---
@@ -604,7 +604,11 @@ def final_table(args, metrics, evaluation):
 # ======== Plumbing: files, data, models, optimizer and train, torchrun, flags, the demo ========
 # --- Plumbing: one-line errors, files written whole, resume ---
 def fail(message):
-    """Stop with a one-line error and a non-zero exit, never a traceback (from rank 0 only)."""
+    """Stop with a one-line error and a non-zero exit, never a traceback (from rank 0 only). Open
+    progress bars are closed first: else they close when the exit frees their frames, after the
+    message, which is then not the last line."""
+    for bar in list(tqdm._instances):
+        bar.close()
     sys.exit(f"cream.py: error: {message}" if rank_and_world()[0] == 0 else 1)
 
 
@@ -703,6 +707,18 @@ def locked(out):
     except OSError as e:
         fail(f"{e.filename or out}: {e.strerror or e}; rerun the same command to resume once "
              f"that is fixed")
+
+
+def finish(text):
+    """The run's last steps, once every file is written: say text and leave torchrun's group. A
+    Ctrl-C from here on, the interpreter's teardown included, is ignored: nothing is left to do,
+    so the run ends with exit 0 and text as its last line (README: Ctrl-C). Only when this file
+    is the program: a caller of main keeps its own Ctrl-C."""
+    if __name__ == "__main__":
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # kept through teardown, unlike a handler
+    say(text)
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 # --- Plumbing: D_S, D_U and the test questions from the Hub or --data_dir, checked up front ---
