@@ -506,7 +506,7 @@ def measured_consistency(reward_rows, measure):
 
 # --- P-SRLM's reward: a judge's scores in place of Eq. 3.9 (Table 6) ---
 def judge_samples(model, tokenizer, samples_rows, args):
-    """A sampled judgement of each response (prompts.fill_pointwise) and its score, per prompt."""
+    """A sampled judgement of each response (pointwise_prompt) and its score, per prompt."""
     prompts = [pointwise_prompt(tokenizer, row["prompt"], s["response"], args.max_length)
                for row in samples_rows for s in row["samples"]]
     replies = data_parallel(partial(sample_responses, model, tokenizer, args=args, num_samples=1),
