@@ -17,6 +17,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import sys
 from dataclasses import asdict, dataclass, fields
 from functools import partial
@@ -184,9 +185,8 @@ def main(argv=None):
         evaluation = evaluate_models(args, tokenizer, tests, out) if args.evaluate else []
         table = final_table(args, metrics, evaluation)
         write_text(out / "table.md", table)
-        say(f"\n{table}\nmodels, samples, rewards, pairs, metrics.jsonl and table.md are in {out}")
-    if dist.is_initialized():
-        dist.destroy_process_group()
+        finish(f"\n{table}\nmodels, samples, rewards, pairs, metrics.jsonl and table.md are in "
+               f"{out}")
 
 
 # --- Algorithm 1's steps, in the order main takes them ---
@@ -472,10 +472,20 @@ def spearman_rho(x, y):
     return (rx * ry).sum().div(norm).item() if norm > 0 else 0.0
 
 
+def best_and_worst(x):
+    """[N] scores -> [N, N] P(best = i, worst = j) with ties broken uniformly at random (N >= 2):
+    uniform over the indices at the max times those at the min, never i = j (all tie)."""
+    x = torch.as_tensor(x, dtype=torch.float64)
+    joint = (x == x.max()).double()[:, None] * (x == x.min()).double()[None, :]
+    joint.fill_diagonal_(0)  # only when all tie: one response is not both best and worst
+    return joint / joint.sum()
+
+
 def top_order(x, y):
-    """TopOrder (section 4.3.1) of [N], [N] -> 1.0 iff both pick the same best and worst."""
-    x, y = torch.as_tensor(x), torch.as_tensor(y)
-    return float(x.argmax() == y.argmax() and x.argmin() == y.argmin())
+    """TopOrder (section 4.3.1) of [N], [N] -> P(both pick the same best and the same worst), ties
+    broken at random: 0 or 1 without ties; a ranking that all ties agrees by chance only,
+    1 / (N (N - 1)), carrying no ranking information as tau-a's tied pairs carry none."""
+    return (best_and_worst(x) * best_and_worst(y)).sum().item()
 
 
 def top_order_consistency(top_order_rate, n):
@@ -496,8 +506,8 @@ def measured_consistency(reward_rows, measure):
 
 # --- P-SRLM's reward: a judge's scores in place of Eq. 3.9 (Table 6) ---
 def judge_samples(model, tokenizer, samples_rows, args):
-    """A sampled judgement of each response (prompts.fill_pointwise) and its score, per prompt."""
-    prompts = [fill_pointwise(row["prompt"], s["response"])
+    """A sampled judgement of each response (pointwise_prompt) and its score, per prompt."""
+    prompts = [pointwise_prompt(tokenizer, row["prompt"], s["response"], args.max_length)
                for row in samples_rows for s in row["samples"]]
     replies = data_parallel(partial(sample_responses, model, tokenizer, args=args, num_samples=1),
                             prompts)
@@ -507,6 +517,18 @@ def judge_samples(model, tokenizer, samples_rows, args):
         rows.append({"id": row["id"], "scores": [parse_score(text) for text in texts],
                      "judgements": texts})
     return rows
+
+
+def pointwise_prompt(tokenizer, instruction, response, max_length):
+    """Table 6's prompt for one response, cut so the prompt keeps to about max_length tokens."""
+    room = max(1, max_length - len(encode(tokenizer, fill_pointwise(instruction, ""))))
+    return fill_pointwise(instruction, cut_text(tokenizer, response, room))
+
+
+def cut_text(tokenizer, text, room):
+    """text cut to at most `room` tokens, never inside a character."""
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    return text if len(ids) <= room else tokenizer.decode(ids[:room]).rstrip("\ufffd")
 
 
 # --- Evaluation (Table 1): greedy, zero-shot, on the five tasks' test questions ---
@@ -588,7 +610,11 @@ def final_table(args, metrics, evaluation):
 # ======== Plumbing: files, data, models, optimizer and train, torchrun, flags, the demo ========
 # --- Plumbing: one-line errors, files written whole, resume ---
 def fail(message):
-    """Stop with a one-line error and a non-zero exit, never a traceback (from rank 0 only)."""
+    """Stop with a one-line error and a non-zero exit, never a traceback (from rank 0 only). Open
+    progress bars are closed first: else they close when the exit frees their frames, after the
+    message, which is then not the last line."""
+    for bar in list(tqdm._instances):
+        bar.close()
     sys.exit(f"cream.py: error: {message}" if rank_and_world()[0] == 0 else 1)
 
 
@@ -693,6 +719,18 @@ def locked(out):
     except OSError as e:
         fail(f"{e.filename or out}: {e.strerror or e}; rerun the same command to resume once "
              f"that is fixed")
+
+
+def finish(text):
+    """The run's last steps, once every file is written: say text and leave torchrun's group. A
+    Ctrl-C from here on, the interpreter's teardown included, is ignored: nothing is left to do,
+    so the run ends with exit 0 and text as its last line (README: Ctrl-C). Only when this file
+    is the program: a caller of main keeps its own Ctrl-C."""
+    if __name__ == "__main__":
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # kept through teardown, unlike a handler
+    say(text)
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 # --- Plumbing: D_S, D_U and the test questions from the Hub or --data_dir, checked up front ---
@@ -816,6 +854,15 @@ def prepare(args, out):
     # not the test rows: they change no training file, and their cached replies are checked
     data_sha256 = hashlib.sha256(json.dumps([sft_rows, prompt_rows]).encode()).hexdigest()
     tokenizer = load_tokenizer(args.model)
+    check_models(args, tokenizer)
+    pools = iteration_pools(tokenizer, prompt_rows, args)
+    tests = eval_questions(tokenizer, tests, args)
+    check_same_settings(out, args, data_sha256)
+    return tokenizer, sft_rows, pools, tests
+
+
+def check_models(args, tokenizer):
+    """The tokenizer fits the model, and P-SRLM's judge template fits --max_length."""
     try:
         vocab_size = AutoConfig.from_pretrained(args.model).vocab_size
     except Exception as e:
@@ -823,10 +870,11 @@ def prepare(args, out):
     if len(tokenizer) > vocab_size:
         fail(f"--model {args.model!r} embeds {vocab_size} tokens, but its tokenizer has "
              f"{len(tokenizer)}")
-    pools = iteration_pools(tokenizer, prompt_rows, args)
-    tests = eval_questions(tokenizer, tests, args)
-    check_same_settings(out, args, data_sha256)
-    return tokenizer, sft_rows, pools, tests
+    if args.method == "p-srlm":  # Table 6's prompt, answered by a sampled judgement
+        overhead = len(encode(tokenizer, fill_pointwise("", "")))
+        if args.max_length < overhead + 2:
+            fail(f"--max_length {args.max_length} cannot hold the judge prompt: its template "
+                 f"alone takes {overhead} tokens")
 
 
 # --- Plumbing: models, one resident at a time (README: 'One 80 GB GPU') ---

@@ -26,6 +26,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import sys
 from dataclasses import asdict, dataclass, fields
 from functools import partial
@@ -275,9 +276,7 @@ def main(argv=None):
         write_jsonl(out / "metrics.jsonl", rows)
         table = final_table(args, rows)
         write_text(out / "table.md", table)
-        say(f"\n{table}\nmodels, samples, pairs, metrics.jsonl and table.md are in {out}")
-    if dist.is_initialized():
-        dist.destroy_process_group()
+        finish(f"\n{table}\nmodels, samples, pairs, metrics.jsonl and table.md are in {out}")
 
 
 # --- Section 4.1, Appendix C.1: SFT on instructions and pairwise judge examples gives M0 ---
@@ -430,10 +429,12 @@ def scir_batch_loss(args, tokenizer, identifier_ids, alpha_l):
                           adaptive_reference=not args.no_adaptive_reference)
         loss = alpha * terms["consistency_loss"] if args.no_dcpo else terms["loss"]
         agreed = terms["agree"]
-        metrics = {"loss": loss.mean(),
-                   "consistency_loss": terms["consistency_loss"].mean().detach(),
-                   "dpo_loss": (agreed * terms["dpo_loss"]).mean().detach(),  # 0: disagreement
-                   "dcpo_fraction": agreed.mean()}
+        metrics = {"loss": loss.mean()}  # and only the terms trained: an ablated one is left out
+        if not args.no_consistency_loss:
+            metrics["consistency_loss"] = terms["consistency_loss"].mean().detach()
+        if not args.no_dcpo:
+            metrics["dpo_loss"] = (agreed * terms["dpo_loss"]).mean().detach()  # 0: disagreement
+            metrics["dcpo_fraction"] = agreed.mean()
         return metrics, [((policy,), (policy_copy,)), ((p_grm,), (p_grm_copy,))]
     return loss_fn
 
@@ -1169,7 +1170,11 @@ def final_table(args, rows):
 # ======== Plumbing: files, data, models, optimizer and train, torchrun, flags, the demo ========
 # --- Files, written to a temporary name and renamed: a crash leaves no half file; resume ---
 def fail(message):
-    """Stop with a one-line error and a non-zero exit, never a traceback (from rank 0 only)."""
+    """Stop with a one-line error and a non-zero exit, never a traceback (from rank 0 only). Open
+    progress bars are closed first: else they close when the exit frees their frames, after the
+    message, which is then not the last line."""
+    for bar in list(tqdm._instances):
+        bar.close()
     sys.exit(f"scir.py: error: {message}" if rank_and_world()[0] == 0 else 1)
 
 
@@ -1276,6 +1281,18 @@ def locked(out):
     except OSError as e:
         fail(f"{e.filename or out}: {e.strerror or e}; rerun the same command to resume once "
              f"that is fixed")
+
+
+def finish(text):
+    """The run's last steps, once every file is written: say text and leave torchrun's group. A
+    Ctrl-C from here on, the interpreter's teardown included, is ignored: nothing is left to do,
+    so the run ends with exit 0 and text as its last line (README: Ctrl-C). Only when this file
+    is the program: a caller of main keeps its own Ctrl-C."""
+    if __name__ == "__main__":
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # kept through teardown, unlike a handler
+    say(text)
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 # --- Data (Appendix C.1): Alpaca + LIMA + oasst2 pairs, RewardBench, GSM8K and MMLU ---

@@ -172,6 +172,17 @@ class Started:
         self.stdout, self.stderr = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")  # no pipe can fill up
         self.proc = subprocess.Popen(argv, cwd=ROOT, stdout=self.stdout, stderr=self.stderr, text=True, env=env)
 
+    def wait_for(self, text, stream="stderr", timeout=200):
+        """Wait until the script has written text to stream ("stdout" or "stderr"), or has ended.
+        Read with pread: a read of the shared file would move the offset the child writes at."""
+        file = getattr(self, stream)
+        deadline = time.monotonic() + timeout
+        while text.encode() not in os.pread(file.fileno(), 1 << 24, 0):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                return False
+            time.sleep(0.01)
+        return True
+
     def result(self):
         """Wait (reaping with wait4 to read the child's peak memory), then return a CompletedProcess with an extra
         attribute max_rss_mb: the script's peak resident memory in MiB."""

@@ -4,10 +4,12 @@ accuracy; cream.py's consistency measures (Table 4), SRLM and P-SRLM baselines a
 evaluation (Table 1); both final tables. Against hand-worked cases and brute force, and through
 the CLI."""
 
+import itertools
 import json
 import shutil
 from pathlib import Path
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -108,7 +110,15 @@ def brute_spearman(x, y):
 
 
 def brute_top_order(x, y):
-    return float(x.index(max(x)) == y.index(max(y)) and x.index(min(x)) == y.index(min(y)))
+    """TopOrder with ties broken every way: the mean over every tie-break order of x and of y
+    (identical samples tie in both rankings)."""
+    orders = list(itertools.permutations(range(len(x))))
+
+    def best_and_worst(values, order):
+        keys = list(zip(values, order))
+        return keys.index(max(keys)), keys.index(min(keys))
+    hits = [best_and_worst(x, p) == best_and_worst(y, q) for p in orders for q in orders]
+    return sum(hits) / len(hits)
 
 
 @pytest.mark.parametrize("flags, expected", [
@@ -148,10 +158,21 @@ def test_scir_ablations_through_the_cli(flag, tmp_path, tiny_model_dir, data_dir
     assert result.returncode == 0, result.stderr[-3000:]
     _, metrics = read_jsonl(out / "metrics.jsonl")  # rows M0, M1
     assert (out / "M1" / "config.json").exists()
+    summary = json.loads((out / "M1" / "training_summary.json").read_text())
+    table = (out / "table.md").read_text().splitlines()
+    dcpo_cell = next(line for line in table if "| M1 |" in line).split(" | ")[table[0].split(" | ").index("DCPO %")]
     if flag == "--no_consistency_loss":  # Eq. 7 without its second term: the loss is the DPO term alone
         assert metrics["loss"] == pytest.approx(metrics["dpo_loss"], rel=1e-5, abs=1e-7)
+        # only what is trained is logged: alpha = 0 trains no Eq. 6
+        assert "consistency_loss" not in summary and metrics["consistency_loss"] is None
     if flag == "--no_dcpo":  # Eq. 7 without its first term (alpha = 1): the loss is the consistency loss alone
         assert metrics["loss"] == pytest.approx(metrics["consistency_loss"], rel=1e-5, abs=1e-7)
+        # no DPO is trained, so no DPO figure is logged, and the table's DCPO % is empty
+        assert not {"dpo_loss", "dcpo_fraction"} & set(summary)
+        assert metrics["dpo_loss"] is None and metrics["dcpo_fraction"] is None
+        assert dcpo_cell == "-"
+    else:
+        assert dcpo_cell != "-" and 0 <= summary["dcpo_fraction"] <= 1
     if flag == "--single_judge_prompt":  # Q from one judge prompt, before and after training
         pairs = read_jsonl(out / "iter1" / "pairs.jsonl")
         assert all(len(p["q_prompts_start"]) == len(p["q_prompts_end"]) == 1 for p in pairs)
@@ -310,11 +331,35 @@ def test_p_srlm_pairs_follow_the_judge_scores(monkeypatch, tmp_path, tiny_model_
     monkeypatch.setattr(cream, "parse_score", lambda text: float(len(text) % 5))
     out = tmp_path / "run"
     cream.main(["--model", tiny_model_dir, "--data_dir", data_dir, "--output_dir", str(out), "--method", "p-srlm",
-                *map(str, CREAM_SMALL), "--max_new_tokens", "12"])
+                *map(str, CREAM_SMALL), "--max_new_tokens", "12", "--max_length", "600"])  # the judge's template
     pairs = assert_pairs_follow_patched_scores(out)
     assert all(pair["consistency"] == 1.0 for pair in pairs)
     (metrics,) = read_jsonl(out / "metrics.jsonl")  # cream.py: one row per iteration
     assert metrics["unusable_judgements"] == 0 and metrics["pairs"] == len(pairs)
+
+
+@pytest.mark.parametrize("module", [cream, scir])
+def test_pointwise_judge_prompt_keeps_to_max_length(module, tiny_tokenizer, monkeypatch):
+    """Table 6's prompt for one response: a response that fits is kept whole; a long one is cut
+    so the prompt keeps to about max_length (a cut text may re-encode a token or two longer).
+    cream.py's P-SRLM judge builds its prompts so, as scir.py's SRLM judge does."""
+    instruction, short, long = "What do bees make?", "Bees make honey.", "Bees make honey. " * 200
+    assert module.pointwise_prompt(tiny_tokenizer, instruction, short, 500) == prompts.fill_pointwise(instruction,
+                                                                                                       short)
+    cut = module.pointwise_prompt(tiny_tokenizer, instruction, long, 500)
+    assert cut.startswith(prompts.fill_pointwise(instruction, "")[:40]) and "Bees make honey." in cut
+    assert 480 <= len(module.encode(tiny_tokenizer, cut)) <= 503
+    seen = []
+
+    def judge(model, tokenizer, texts, args, num_samples=None, greedy=False):
+        seen.extend(texts)
+        return [[{"response": "Score: 4", "token_ids": [1], "finished": True}] for _ in texts]
+    monkeypatch.setattr(module, "sample_responses", judge)
+    rows = [{"id": "a", "prompt": instruction, "samples": [{"response": short}, {"response": long}]}]
+    args = SimpleNamespace(max_length=500, num_samples=2)
+    (judged,) = module.judge_samples(torch.nn.Linear(1, 1), tiny_tokenizer, rows, args)
+    assert judged["scores"] == [4.0, 4.0]
+    assert seen == [module.pointwise_prompt(tiny_tokenizer, instruction, text, 500) for text in (short, long)]
 
 
 @pytest.mark.parametrize("judgement, expected", [

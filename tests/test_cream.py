@@ -181,6 +181,54 @@ def test_top_order_same_best_and_worst_is_one():
     assert cream.top_order([1, 5, 3, 2], [1, 3, 5, 2]) == 0.0
 
 
+def brute_top_order_with_ties(x, y):
+    """TopOrder averaged over every tie-break of x and of y: each permutation p ranks x by
+    (x[i], p[i]), so tied responses come out in every order equally often."""
+    import itertools
+
+    def best_and_worst(values, order):
+        keys = list(zip(values, order))
+        return first_argmax(keys), first_argmin(keys)
+    orders = list(itertools.permutations(range(len(x))))
+    hits = [best_and_worst(x, p) == best_and_worst(y, q) for p in orders for q in orders]
+    return sum(hits) / len(hits)
+
+
+@pytest.mark.parametrize("x, y", [
+    ([1, 1, 0], [1, 0, 0]),              # a tied best against a tied worst: 1/2 * 1/2
+    ([2, 2, 2], [3, 1, 2]),              # all tie: chance, 1 / (3 * 2)
+    ([2, 2, 2], [5, 5, 5]),
+    ([1, 0, 1, 0], [1, 1, 0, 0]),
+    ([0, 3, 3, 1], [0, 3, 2, 1]),
+    ([4, 1, 3, 2], [4, 1, 3, 2]),        # no ties: today's 0/1
+    ([4, 1, 3, 2], [1, 4, 3, 2]),
+    ([7, 7, 7, 7], [1, 2, 3, 4]),
+    ([1, 2, 2, 1, 0], [2, 2, 1, 0, 0]),
+])
+def test_top_order_breaks_ties_uniformly_at_random(x, y):
+    """Ties carry no ranking information (as tau-a's tied pairs): TopOrder is its mean over every
+    tie-break of both rankings, counted here by brute force."""
+    assert cream.top_order(x, y) == pytest.approx(brute_top_order_with_ties(x, y), abs=1e-12)
+    assert cream.top_order(y, x) == pytest.approx(brute_top_order_with_ties(y, x), abs=1e-12)
+
+
+def test_top_order_of_an_all_tie_prompt_is_chance_and_gives_c_one_half():
+    """Issue 19: x = [-3.2] * 5 against y = [-1.0] * 5 was full agreement (1.0) while tau says 0;
+    it is chance, 1 / (5 * 4), and --consistency_measure toporder makes it C = 0.5, as Kendall's
+    (0 + 1) / 2."""
+    x, y = [-3.2] * 5, [-1.0] * 5
+    assert cream.kendall_tau(x, y) == 0.0
+    assert cream.top_order(x, y) == pytest.approx(1 / 20, abs=1e-12)
+    row = sample_row("a", ["p", "q", "r", "s", "t"])
+    logps_0 = per_prompt([-11.0, -12.0, -13.0, -14.0, -15.0], n=5)
+    # t = 1 (r' = log pi_0): M1 = M0 plus a constant makes r all tie
+    (rewards,) = cream.rewards_and_consistency([row], logps_0 + 2.0, None, logps_0)
+    assert rewards["r"] == [2.0] * 5 and rewards["top_order"] == pytest.approx(1 / 20, abs=1e-12)
+    args = cream.parse_args(["--consistency_measure", "toporder"])
+    consistency, scope = cream.training_consistency(args, [rewards])
+    assert (consistency, scope) == (pytest.approx(0.5, abs=1e-12), "dataset")
+
+
 def test_consistency_rate_hand_worked():
     # (1+1)/2 = 1, (-1+1)/2 = 0, (0.5+1)/2 = 0.75, (0+1)/2 = 0.5 -> mean 2.25 / 4
     assert cream.consistency_rate([1.0, -1.0, 0.5, 0.0]) == pytest.approx(0.5625)
