@@ -568,6 +568,13 @@ TASK_NAMES = {"arc_easy": "ARC-Easy", "arc_challenge": "ARC-Challenge", "openboo
               "siqa": "SIQA", "gsm8k": "GSM8K"}
 
 
+def task_title(task, args):
+    """A task's column: the paper's name, or the task as eval.jsonl names it ('|' escaped for
+    markdown), with the part scored (--eval_limit)."""
+    title = TASK_NAMES.get(task, task).replace("|", "\\|")
+    return title + (f" (first {args.eval_limit})" if args.eval_limit else "")
+
+
 def final_table(args, metrics, evaluation):
     """A row per model M_k: accuracy per task by the flexible rule, then the strict (an arrow
     against M_{k-1} from M2 on), and the agreement of M_k's rankings with M_{k-1}'s -> markdown."""
@@ -576,7 +583,7 @@ def final_table(args, metrics, evaluation):
     accuracy = {(row["model"], row["task"], rule): row[rule] for row in evaluation
                 for rule in ("flexible", "strict")}
     header = ["Method", "Reward", "Iteration",
-              *(TASK_NAMES.get(task, task) + (" strict" if rule == "strict" else "")
+              *(task_title(task, args) + (" strict" if rule == "strict" else "")
                 for task, rule in columns),
               "Consistency C", "C used", "Kendall tau", "Spearman", "TopOrder", "Pairs",
               "Sample tokens"]

@@ -121,7 +121,7 @@ class Args:
         "rule (README; offline: eval.jsonl)"))
     eval_greedy: bool = flag(False, None, (
         "--evaluate decodes greedily instead (CREAM's protocol; not SCIR's), in eval/M<k>-greedy"))
-    eval_limit: int = flag(0, "[0,inf)", "score the first N questions of each task (0: all)")
+    eval_limit: int = flag(None, "[1,inf)", "score only the first N questions of each task")
     alpaca_eval: bool = flag(False, None, (
         "Table 2's AlpacaEval 2.0: each M_k's sampled answers, for the alpaca_eval tool (README)"))
     # hardware and batching (not in the paper)
@@ -1138,6 +1138,13 @@ def sample_metrics(samples, too_long, summary):
             "counted_new": summary.get("counted_new")}
 
 
+def task_title(task, args):
+    """A task's column: the paper's name, or the task as eval.jsonl names it ('|' escaped for
+    markdown), with the part scored (--eval_limit)."""
+    title = TASK_NAMES.get(task, task).replace("|", "\\|")
+    return title + (f" (first {args.eval_limit})" if args.eval_limit else "")
+
+
 def final_table(args, rows):
     """Table 2's rows (GSM8K and MMLU by the flexible rule, then the strict), Table 1 / Figure 2's
     consistency on D_{t-1} and D_t, Figure 3's RewardBench accuracy (percentages) -> markdown."""
@@ -1150,7 +1157,7 @@ def final_table(args, rows):
     if with_reward_bench:
         header += ["RewardBench IRM", "RewardBench GRM", "RewardBench IRM = GRM"]
     tasks = list(rows[0].get("evaluation", {}))
-    header += [f"{TASK_NAMES.get(task, task)}{suffix}"  # the flexible rule first, as the harness
+    header += [f"{task_title(task, args)}{suffix}"  # the flexible rule first, as the harness
                for task in tasks for suffix in ("", " strict")]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for k, row in enumerate(rows):
