@@ -28,6 +28,7 @@ import re
 import shutil
 import signal
 import sys
+import uuid
 from dataclasses import asdict, dataclass, fields
 from functools import partial
 from pathlib import Path
@@ -1235,8 +1236,14 @@ def check_file(path, what=""):
 
 def cached(path, expected, keys, compute):
     """The rows of path if an earlier run wrote it (resume), else compute() written there; they
-    must match `expected` row for row on `keys` (no keys: in number), or the file is stale."""
-    if not rank_0_sees(path.exists()):
+    must match `expected` row for row on `keys` (no keys: in number), or the file is stale. A
+    file made by an earlier model than the one of that name now (deleted and redone: README) is
+    made again."""
+    exists = rank_0_sees(path.exists())
+    if exists and rank_0_sees(recorded_makers(path) not in (None, made_by(path))):
+        say(f"note: {path} was made by an earlier {' or '.join(made_by(path))}: made again")
+        exists = False
+    if not exists:
         rows = compute()
         write_jsonl(path, rows)
     else:
@@ -1251,7 +1258,56 @@ def cached(path, expected, keys, compute):
                     fail(f"{path}:{number} is damaged (not a JSON object): delete it to "
                          f"recompute it")
     check_ids(path, rows, expected, keys)
+    record_makers(path)
     return rows
+
+
+def made_by(path):
+    """The models of this run that a file or model folder under out was made from, by where it
+    lies: iter<k>/ and M<k> by M_{k-1} (an iteration samples and trains from it), eval/,
+    reward_bench/ and alpaca_eval/ M<k>... by M_k -> {name: the id save_model gave it}."""
+    path = Path(path)
+    folder = path if re.fullmatch(r"M\d+", path.name) else path.parent
+    out = folder.parent
+    numbered = re.fullmatch(r"(?:M|iter)(\d+)", folder.name)
+    if numbered:
+        names = [f"M{int(numbered[1]) - 1}"] if int(numbered[1]) > 0 else []
+    else:
+        names = re.findall(r"^(M\d+)(?=[-.])", path.name)
+    return {name: model_id(out / name) for name in names}
+
+
+def model_id(path):
+    """The id save_model gave the model folder at path; None for one without (a base model, or
+    one saved before ids were kept)."""
+    return provenance(path)["id"]
+
+
+def provenance(path):
+    """A model folder's provenance.json, {id, made_by}; empty for a folder without one."""
+    try:
+        return json.loads((Path(path) / "provenance.json").read_text())
+    except (OSError, ValueError):
+        return {"id": None, "made_by": {}}
+
+
+def recorded_makers(path):
+    """made_by(path) as recorded when the cached file at path was written; None if unrecorded."""
+    try:
+        return json.loads((path.parent / "made_by.json").read_text()).get(path.name)
+    except (OSError, ValueError):
+        return None
+
+
+def record_makers(path):
+    """Record made_by(path) for the cached file at path in its folder's made_by.json."""
+    if rank_0_sees(recorded_makers(path) != made_by(path)):  # every rank reaches write_text
+        try:
+            record = json.loads((path.parent / "made_by.json").read_text())
+        except (OSError, ValueError):
+            record = {}
+        write_text(path.parent / "made_by.json",
+                   json.dumps(record | {path.name: made_by(path)}, indent=1))
 
 
 def check_ids(path, rows, expected, keys=("id",)):
@@ -1633,6 +1689,11 @@ def model_ready(path):
         weights = []
     if not weights:
         fail(f"{path} is incomplete or damaged: delete it, and rerun to redo it")
+    stale = [name for name, made in provenance(path)["made_by"].items()
+             if made != model_id(path.parent / name)]
+    if rank_0_sees(stale):
+        fail(f"{path} was trained on data of an earlier {stale[0]}: delete it and the models "
+             f"after it, and rerun to redo them")
     return True
 
 
@@ -1646,6 +1707,8 @@ def save_model(model, tokenizer, path, summary):
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "training_summary.json").write_text(json.dumps(summary, indent=1))
+        (tmp / "provenance.json").write_text(json.dumps(
+            {"id": uuid.uuid4().hex, "made_by": made_by(path)}, indent=1))  # see made_by
         os.replace(tmp, path)
     barrier()
 

@@ -250,7 +250,8 @@ def test_evaluate_through_the_cli(tmp_path, tiny_model_dir, data_dir, run_script
     # table.md as Table 1: percentages, each task by the flexible rule then the strict, and from
     # M2 on an arrow against the previous iteration
     lines = (out / "table.md").read_text().splitlines()
-    assert lines[0].startswith("| Method | Reward | Iteration | ARC-Easy | ARC-Easy strict | GSM8K | GSM8K strict |")
+    assert lines[0].startswith("| Method | Reward | Iteration | ARC-Easy (first 2) | ARC-Easy (first 2) strict | "
+                               "GSM8K (first 2) | GSM8K (first 2) strict |")  # --eval_limit 2, named
     percent = {(row["model"], row["task"], rule): 100 * row[rule] for row in table for rule in ("flexible", "strict")}
     for k in range(3):
         cells = next(line for line in lines if f"| M{k} |" in line).split(" | ")
