@@ -285,10 +285,13 @@ def strict_answer(reply, kind):
     'Answer' is capitalised as asked; '**Answer:**', '**Answer**:' and 'Final Answer:' count, and
     so does bold or a parenthesis around the answer ('Answer: **(B)**'). A letter is a capital
     standing alone: 'Answer: A cell wall' states A, 'Answer: Approximately' no letter. A number
-    is the first one after 'Answer:', '-$5' as -5: 'Answer: 3 x 4 = 12' states 3. '\\boxed{}',
+    is the first one after 'Answer:', '-$5' as -5: 'Answer: 3 x 4 = 12' states 3, and commas
+    count only between groups of three digits: 'Answer: 1,2,3' states 1. '\\boxed{}',
     lower case 'answer:' and 'The answer is' are no statement in this format.
     """
-    value = r"\(?([A-Z])\b" if kind == "choice" else r"(-?\$?(?:\d[\d,]*(?:\.\d+)?|\.\d+))"
+    # a number: commas only as thousands separators ('1,234'; '1,2,3' states 1)
+    value = r"\(?([A-Z])\b" if kind == "choice" else (
+        r"(-?\$?(?:(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?|\.\d+))")
     found = re.findall(STATED + value, reply)
     return found[-1].replace("$", "").replace(",", "") if found else None
 

@@ -151,6 +151,8 @@ NUMBER_REPLIES = ISSUE_TABLE + [
     ("Answer: 7 + 3 = 10", "10", "7", "10"),
     ("Answer: 2 * (3 + 4) = 14 apples", "14", "2", "14"),
     ("Answer: 1,000 + 2,000 = 3,000", "3000", "1000", "3000"),
+    # a list is no number: strict reads its first item; the harness drops the commas (issue 20)
+    ("Answer: 1,2,3", "123", "1", "123"),
     ("Answer: 3. Then 2 + 2 = 4", "3", "3", "4"),
     ("Answer: 5\n3 + 4 = 7", "5", "5", "7"),
     ("Answer: \\boxed{10}", "10", None, "10"),
