@@ -273,3 +273,17 @@ def tiny_llama(tokenizer, folder, vocab_size=None, drop=None):
         del weights[drop]
         save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
     return folder
+
+
+def ctrl_c_after_the_closing_line(start_script, script, argv, closing):
+    """Ctrl-C once a run's closing line is out (the interpreter's teardown: about a second):
+    nothing was left unfinished, so the run exits 0 with that line last, no traceback."""
+    import signal
+
+    run = start_script(script, *argv, timeout=240)
+    assert run.wait_for(closing, stream="stdout")
+    run.proc.send_signal(signal.SIGINT)
+    result = run.result()
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and "KeyboardInterrupt" not in result.stderr
+    assert result.stdout.strip().splitlines()[-1].startswith(closing)

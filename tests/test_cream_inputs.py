@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import cream
-from conftest import copy_data_files, one_line_error, short_run_argv, tiny_llama
+from conftest import ctrl_c_after_the_closing_line, copy_data_files, one_line_error, short_run_argv, tiny_llama
 
 # learning rates large enough that the tiny model moves: distinct rewards, so iteration 1 has pairs
 SMALL = ["--iterations", 1, "--num_prompts", 2, "--num_samples", 2, "--max_new_tokens", 4,
@@ -391,16 +391,8 @@ def test_ctrl_c_ends_in_one_line(start_script, tiny_model_dir, data_dir, tmp_pat
 
 
 def test_ctrl_c_after_the_last_file_is_written_is_ignored(start_script, tiny_model_dir, data_dir, tmp_path):
-    """Ctrl-C once the final line is out (the interpreter's teardown: about a second): nothing was
-    left unfinished, so the run exits 0 with its own last line, no traceback, no signal exit."""
-    out, closing = tmp_path / "out", "models, samples, rewards, pairs, metrics.jsonl and table.md are in"
-    run = start_script("cream.py", *argv(tiny_model_dir, data_dir, out), timeout=240)
-    assert run.wait_for(closing, stream="stdout")
-    run.proc.send_signal(signal.SIGINT)
-    result = run.result()
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "Traceback" not in result.stderr and "KeyboardInterrupt" not in result.stderr
-    assert result.stdout.strip().splitlines()[-1].startswith(closing)
+    ctrl_c_after_the_closing_line(start_script, "cream.py", argv(tiny_model_dir, data_dir, tmp_path / "out"),
+                                  "models, samples, rewards, pairs, metrics.jsonl and table.md are in")
 
 
 def test_a_flag_written_out_wins_even_when_it_repeats_the_default():
