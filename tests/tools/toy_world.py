@@ -1,7 +1,7 @@
 """A toy world with a known answer: watch both self-rewarding loops learn, or fail, on 2 CPU cores.
 
     python tests/tools/toy_world.py          # base, 7 methods x 5 seeds, the tables (~18 min)
-    python tests/tools/toy_world.py --quick  # 1 seed, 60 prompts an iteration (3-4.5 min)
+    python tests/tools/toy_world.py --quick  # 1 seed, 60 prompts an iteration (2-4.5 min)
     python tests/tools/toy_world.py --seeds 1 2 3 --out /tmp/toyworld --jobs 2
 
 The world: single-digit addition (a + b, a and b in 1..9), asked in 4 phrasings and answered in 6
