@@ -1240,7 +1240,8 @@ def cached(path, expected, keys, compute):
     file made by an earlier model than the one of that name now (deleted and redone: README) is
     made again."""
     exists = rank_0_sees(path.exists())
-    if exists and rank_0_sees(recorded_makers(path) not in (None, made_by(path))):
+    recorded = makers_record(path.parent).get(path.name)  # None: made before records were kept
+    if exists and rank_0_sees(recorded not in (None, made_by(path))):
         say(f"note: {path} was made by an earlier {' or '.join(made_by(path))}: made again")
         exists = False
     if not exists:
@@ -1291,21 +1292,18 @@ def provenance(path):
         return {"id": None, "made_by": {}}
 
 
-def recorded_makers(path):
-    """made_by(path) as recorded when the cached file at path was written; None if unrecorded."""
+def makers_record(folder):
+    """A folder's made_by.json: {cached file's name: its made_by when written}; {} if none."""
     try:
-        return json.loads((path.parent / "made_by.json").read_text()).get(path.name)
+        return json.loads((folder / "made_by.json").read_text())
     except (OSError, ValueError):
-        return None
+        return {}
 
 
 def record_makers(path):
     """Record made_by(path) for the cached file at path in its folder's made_by.json."""
-    if rank_0_sees(recorded_makers(path) != made_by(path)):  # every rank reaches write_text
-        try:
-            record = json.loads((path.parent / "made_by.json").read_text())
-        except (OSError, ValueError):
-            record = {}
+    record = makers_record(path.parent)
+    if rank_0_sees(record.get(path.name) != made_by(path)):  # every rank reaches write_text
         write_text(path.parent / "made_by.json",
                    json.dumps(record | {path.name: made_by(path)}, indent=1))
 
