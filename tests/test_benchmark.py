@@ -12,7 +12,7 @@ from conftest import ROOT
 def test_benchmark_tiny_runs_and_reports_every_measurement():
     """Through tests/tools/gpu_check.sh, the one call a GPU session makes, so that script never rots
     either."""
-    bin_dir = str(Path(sys.executable).parent)  # the script calls `python`: this interpreter
+    bin_dir = str(Path(sys.executable).parent)  # the script calls `python3`: this interpreter
     result = subprocess.run(["bash", "tests/tools/gpu_check.sh", "--config", "tiny"], cwd=ROOT,
                             capture_output=True, text=True, timeout=240,
                             env={**os.environ, "HF_HUB_OFFLINE": "1",

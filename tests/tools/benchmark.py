@@ -12,6 +12,7 @@ import argparse
 import json
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -196,6 +197,10 @@ def bench_sampling(model, cfg, args, device, rows, bandwidth):
     generator = torch.Generator().manual_seed(2)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     throughput = {}
+    warm_up = GenerationConfig(do_sample=True, max_new_tokens=4, eos_token_id=2, pad_token_id=0)
+    warm_up_prompts = [random_ids(generator, cfg["vocab_size"], 8).tolist()] * 2
+    model.generate_batch(inputs=warm_up_prompts, generation_config=warm_up)  # kernels, allocator
+    model.generate(input_ids=torch.tensor(warm_up_prompts, device=device), generation_config=warm_up)
     for batch in args.batch_sizes:  # sequences decoded together = prompts x 4
         prompts = [random_ids(generator, cfg["vocab_size"], args.prompt_tokens - (i % 8)).tolist()
                    for i in range(max(1, batch // 4))]
@@ -258,15 +263,25 @@ def main():
                       "dtype": str(dtype), "torch": torch.__version__,
                       "transformers": __import__("transformers").__version__,
                       "parameters": sum(p.numel() for p in model.parameters())}), flush=True)
-    if "scoring" not in args.skip:
-        bench_scoring(model, cfg, args, device, rows)
-    if "optimizer" not in args.skip:
-        bench_optimizer(device, rows)
-    if "sampling" not in args.skip:
-        bench_sampling(model, cfg, args, device, rows, bandwidth)
-    if "training" not in args.skip:
-        bench_training(model, cfg, args, device, rows, flops_peak)
+    stages = {"scoring": partial(bench_scoring, model, cfg, args, device, rows),
+              "optimizer": partial(bench_optimizer, device, rows),
+              "sampling": partial(bench_sampling, model, cfg, args, device, rows, bandwidth),
+              "training": partial(bench_training, model, cfg, args, device, rows, flops_peak)}
+    failed = []
+    for name, stage in stages.items():
+        if name in args.skip:
+            continue
+        try:  # a GPU call is one shot: a failed stage must not cost the others' numbers
+            stage()
+        except Exception as error:  # noqa: BLE001
+            failed.append(name)
+            print(json.dumps({"stage": name, "error": f"{type(error).__name__}: {error}"[:2000]}), flush=True)
+            model.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     print_table(rows)
+    if failed:
+        sys.exit(f"stages that failed: {', '.join(failed)}")
 
 
 if __name__ == "__main__":
