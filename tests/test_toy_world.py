@@ -44,7 +44,7 @@ def world(base, name):
     args = module.parse_args(["--model", str(base), *method, *FLAGS])
     tokenizer = module.load_tokenizer(base)
     model = module.load_model(base, args)
-    prompts = [toy_world.prompt_text(a, b, k) for a, b in toy_world.TRAIN for k in range(4)]
+    prompts = [toy_world.prompt_text(p, k) for p in toy_world.TRAIN for k in range(4)]
     torch.manual_seed(0)
     grouped = module.sample_responses(model, tokenizer, prompts, args)
     samples = [{"id": str(j), "prompt": p, "samples": s}
@@ -60,11 +60,11 @@ def world(base, name):
 def greedy_accuracy(w, model):
     """Greedy replies (the script's sampler) to the 108 held-out questions, read by the truth."""
     module = SCRIPTS[w["name"]][0]
-    tests = [(a, b, k) for a, b in toy_world.TEST for k in range(4)]
+    tests = [(p, k) for p in toy_world.TEST for k in range(4)]
     replies = module.sample_responses(model, w["tokenizer"], [
-        toy_world.prompt_text(a, b, k) for a, b, k in tests], w["args"], greedy=True)
-    return sum(toy_world.is_right(r["response"], a, b)
-               for (r,), (a, b, _) in zip(replies, tests)) / len(tests)
+        toy_world.prompt_text(p, k) for p, k in tests], w["args"], greedy=True)
+    return sum(toy_world.is_right(r["response"], p)
+               for (r,), (p, _) in zip(replies, tests)) / len(tests)
 
 
 def pairs_and_batches(w, rewards):
@@ -92,9 +92,9 @@ def one_iteration(w, swapped, loss_factory):
     pairs, batches = pairs_and_batches(w, [1.0 - r for r in truth] if swapped else truth)
     assert len(pairs) > 50
     for pair in pairs:  # independent of the pair builder: chosen is right exactly when not swapped
-        a, b = toy_world.problem_of(pair["prompt"])
-        assert toy_world.is_right(pair["chosen"], a, b) != swapped
-        assert toy_world.is_right(pair["rejected"], a, b) == swapped
+        problem = toy_world.problem_of(pair["prompt"])
+        assert toy_world.is_right(pair["chosen"], problem) != swapped
+        assert toy_world.is_right(pair["rejected"], problem) == swapped
     model, module = copy.deepcopy(w["model"]), SCRIPTS[w["name"]][0]
     torch.manual_seed(1)
     module.train(model, batches, loss_factory(w["args"], w["tokenizer"]), "lr", w["args"], "DPO")

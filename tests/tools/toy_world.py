@@ -21,7 +21,9 @@ accuracy.png if matplotlib is installed). Every run resumes, so the same command
 """
 
 import argparse
+import concurrent.futures
 import importlib
+import itertools
 import json
 import math
 import os
@@ -42,42 +44,63 @@ def log(*parts):
     print(*parts, flush=True)
 
 
-# --- The task: a + b, asked in 4 phrasings, answered in 6 styles; the truth is the last number ---
-PHRASINGS = ("What is {a} + {b}?", "Add {a} and {b}.", "Compute {a} plus {b}.",
-             "How much is {a} + {b}?")
-STYLES = ("{a} + {b} = {s}.", "The sum is {s}.", "{s}", "It is {s}.", "{a} plus {b} makes {s}.",
+# --- The task: a sum of 2 or 3 digits, asked in 4 phrasings, answered in 6 styles ---
+# The first world (--world 1) adds two digits; the second (the default) three. The truth of a
+# reply is its last number.
+PHRASINGS = ("What is {expr}?", "Add {listed}.", "Compute {spoken}.", "How much is {expr}?")
+STYLES = ("{expr} = {s}.", "The sum is {s}.", "{s}", "It is {s}.", "{spoken} makes {s}.",
           "Result: {s}.")
 # what --evaluate appends to a test question (EVAL_SUFFIX["number"] in both scripts); the world's
 # prompts end with it too, so a test question reads like the prompts the loops sample on
 EVAL_SUFFIX = ("\n\nSolve it step by step and end your reply with 'Answer: N', where N is the "
                "final number.")
-PROBLEMS = [(a, b) for a in range(1, 10) for b in range(1, 10)]
 NUMBER = re.compile(r"-?\d+")
 
 
-def held_out_problems():
-    """27 of the 81 problems, never trained on: 15 of the 45 with a carry, 12 of the 36 without."""
+def all_problems(terms):
+    """Every tuple of `terms` digits 1..9, in a fixed order."""
+    return list(itertools.product(range(1, 10), repeat=terms))
+
+
+def held_out_problems(terms):
+    """Problems never trained on, a third with no carry-free bias: 2 terms, 27 of 81 (15 of the 45
+    with a carry, 12 of the 36 without); 3 terms, 160 of 729 (142 of the 645 with a carry, 18 of
+    the 84 without)."""
     rng = random.Random(13)
-    carries = [p for p in PROBLEMS if sum(p) >= 10]
-    others = [p for p in PROBLEMS if sum(p) < 10]
-    return set(rng.sample(carries, 15) + rng.sample(others, 12))
+    problems = all_problems(terms)
+    carries = [p for p in problems if sum(p) >= 10]
+    others = [p for p in problems if sum(p) < 10]
+    counts = (15, 12) if terms == 2 else (142, 18)
+    return set(rng.sample(carries, counts[0]) + rng.sample(others, counts[1]))
 
 
-TEST = sorted(held_out_problems())
-TRAIN = [p for p in PROBLEMS if p not in TEST]
+def split(terms):
+    """(training problems, held-out problems), each sorted."""
+    test = held_out_problems(terms)
+    return [p for p in all_problems(terms) if p not in test], sorted(test)
 
 
-def question(a, b, phrasing):
-    return PHRASINGS[phrasing].format(a=a, b=b)
+TRAIN, TEST = split(2)  # the first world's, which the guard test (tests/test_toy_world.py) uses
 
 
-def prompt_text(a, b, phrasing):
+def words(problem):
+    """The ways a problem is written: 3 + 4 + 5, '3, 4 and 5', '3 plus 4 plus 5'."""
+    digits = [str(d) for d in problem]
+    return dict(expr=" + ".join(digits), listed=", ".join(digits[:-1]) + " and " + digits[-1],
+                spoken=" plus ".join(digits))
+
+
+def question(problem, phrasing):
+    return PHRASINGS[phrasing].format(**words(problem))
+
+
+def prompt_text(problem, phrasing):
     """A prompt of the world: the question, then the line --evaluate writes after a question."""
-    return question(a, b, phrasing) + EVAL_SUFFIX
+    return question(problem, phrasing) + EVAL_SUFFIX
 
 
-def reply(a, b, s, style):
-    return STYLES[style].format(a=a, b=b, s=s)
+def reply(problem, s, style):
+    return STYLES[style].format(s=s, **words(problem))
 
 
 def last_number(text):
@@ -86,42 +109,39 @@ def last_number(text):
     return int(found[-1]) if found else None
 
 
-def is_right(text, a, b):
-    return last_number(text) == a + b
-
-
-PROMPT = re.compile(r"(?:What is|How much is) (\d) \+ (\d)\?|Add (\d) and (\d)\.|Compute (\d) plus "
-                    r"(\d)\.")
+def is_right(text, problem):
+    return last_number(text) == sum(problem)
 
 
 def problem_of(prompt):
-    """(a, b) of a prompt of the world."""
-    digits = [int(d) for d in PROMPT.search(prompt).groups() if d is not None]
-    return digits[0], digits[1]
+    """The digits of a prompt of the world (its question is the only text with numbers)."""
+    return tuple(int(d) for d in NUMBER.findall(prompt.split("\n\n")[0]))
 
 
-def wrong_sum(a, b, rng):
-    """What the web writes when it errs: the carry dropped, or else a near miss."""
-    s = a + b
+def wrong_sum(problem, rng):
+    """What the web writes when it errs: a carry dropped, or else a near miss."""
+    s = sum(problem)
     return s - 10 if s >= 10 else max(0, s + rng.choice((-2, -1, 1, 2)))
 
 
 # --- The web the base model is pretrained on ---
-def web_sum(a, b, rng, carry_drop):
-    """The web's answer to a + b: a carry is dropped with probability carry_drop."""
-    return a + b - 10 if a + b >= 10 and rng.random() < carry_drop else a + b
+def web_sum(problem, rng, carry_drop):
+    """The web's answer to a sum: a carry is dropped with probability carry_drop."""
+    s = sum(problem)
+    return s - 10 if s >= 10 and rng.random() < carry_drop else s
 
 
-def pairwise_judgement(rng, a, b, phrasing, judge_accuracy):
+def pairwise_judgement(rng, problem, phrasing, judge_accuracy):
     """A judge document in SCIR's Table 5 format: a right and a wrong reply (or, one time in five,
     two replies equally right or wrong, where the verdict is a coin), verdict right with
     probability judge_accuracy -> (judge prompt text, 'm' or 'M')."""
     import prompts
-    right = reply(a, b, a + b, rng.randrange(6))
-    wrong = reply(a, b, wrong_sum(a, b, rng), rng.randrange(6))
+    right = reply(problem, sum(problem), rng.randrange(6))
+    wrong = reply(problem, wrong_sum(problem, rng), rng.randrange(6))
     if rng.random() < 0.2:
-        first, second = (right, reply(a, b, a + b, rng.randrange(6))) if rng.random() < 0.5 else (
-            wrong, reply(a, b, wrong_sum(a, b, rng), rng.randrange(6)))
+        first, second = (right, reply(problem, sum(problem), rng.randrange(6))) if (
+            rng.random() < 0.5) else (wrong, reply(problem, wrong_sum(problem, rng),
+                                                   rng.randrange(6)))
         first_wins = rng.random() < 0.5
     else:
         first_wins = rng.random() < 0.5
@@ -129,36 +149,37 @@ def pairwise_judgement(rng, a, b, phrasing, judge_accuracy):
         if rng.random() > judge_accuracy:
             first_wins = not first_wins
     template = rng.randrange(2)  # judge_prompts: template 1 and 2, each in two orders
-    text, _ = prompts.judge_prompts(prompt_text(a, b, phrasing), first, second)[2 * template]
+    text, _ = prompts.judge_prompts(prompt_text(problem, phrasing), first, second)[2 * template]
     return text, "m" if first_wins else "M"
 
 
-def pointwise_judgement(rng, a, b, phrasing, judge_accuracy):
+def pointwise_judgement(rng, problem, phrasing, judge_accuracy):
     """A judge document in SCIR's Table 6 format: one reply and 'Score: 5' if right, 'Score: 1' if
     wrong, the verdict right with probability judge_accuracy -> (prompt text, judgement)."""
     import prompts
     right = rng.random() < 0.5
-    text = reply(a, b, a + b if right else wrong_sum(a, b, rng), rng.randrange(6))
+    text = reply(problem, sum(problem) if right else wrong_sum(problem, rng), rng.randrange(6))
     says_right = right if rng.random() < judge_accuracy else not right
-    return (prompts.fill_pointwise(prompt_text(a, b, phrasing), text),
+    return (prompts.fill_pointwise(prompt_text(problem, phrasing), text),
             "Score: 5" if says_right else "Score: 1")
 
 
-def web_documents(rng, size, carry_drop, judge_accuracy, qa_share=0.6):
+def web_documents(rng, size, config):
     """(prompt, reply) documents of the web: qa_share questions with answers, pairwise judgements
-    (reply '[[m]]' or '[[M]]') up to 85%, pointwise ones the rest; the 81 problems alike."""
-    docs = []
+    (reply '[[m]]' or '[[M]]') up to 85%, pointwise ones the rest; every problem alike."""
+    problems, docs = all_problems(config["terms"]), []
+    carry_drop, judge_accuracy = config["carry_drop"], config["judge_accuracy"]
     for _ in range(size):
-        a, b = rng.choice(PROBLEMS)
+        problem = rng.choice(problems)
         phrasing, kind = rng.randrange(4), rng.random()
-        if kind < qa_share:
-            docs.append((prompt_text(a, b, phrasing),
-                         reply(a, b, web_sum(a, b, rng, carry_drop), rng.randrange(6))))
+        if kind < config.get("qa_share", 0.6):
+            docs.append((prompt_text(problem, phrasing),
+                         reply(problem, web_sum(problem, rng, carry_drop), rng.randrange(6))))
         elif kind < 0.85:
-            text, winner = pairwise_judgement(rng, a, b, phrasing, judge_accuracy)
+            text, winner = pairwise_judgement(rng, problem, phrasing, judge_accuracy)
             docs.append((text, f"[[{winner}]]"))
         else:
-            docs.append(pointwise_judgement(rng, a, b, phrasing, judge_accuracy))
+            docs.append(pointwise_judgement(rng, problem, phrasing, judge_accuracy))
     return docs
 
 
@@ -192,11 +213,18 @@ def build_tokenizer(corpus_texts):
 
 
 # --- The base model: a tiny Llama pretrained from scratch on the web ---
-BASE = dict(hidden=96, layers=3, heads=4, web=12000, steps=1500, batch=32, lr=3e-3,
+# The first world (--world 1): two digits, the seed data (sft.jsonl, judge.jsonl) clean.
+BASE = dict(terms=2, hidden=96, layers=3, heads=4, web=12000, steps=1500, batch=32, lr=3e-3,
             carry_drop=0.6, judge_accuracy=0.85)
+# The second world (--world 2): three digits, and one knob for the quality of every label a loop
+# starts from: the web's verdicts and the seed data's labels are right with probability
+# judge_accuracy. CREAM's labels come from the implicit reward that SFT leaves (log pi_1 / pi_0),
+# not from a judge, so a knob on the web's verdicts alone would not reach them.
+SECOND = dict(BASE, terms=3)
+LEVELS = (0.6, 0.7, 0.85, 0.95)  # --sweep: from near chance to near perfect
 # the guard test's world (tests/test_toy_world.py): questions and answers only, a carry dropped half
 # the time, so that greedy accuracy (78% held out) has room to move either way
-GUARD_BASE = dict(hidden=64, layers=2, heads=4, web=4000, steps=800, batch=32, lr=3e-3,
+GUARD_BASE = dict(terms=2, hidden=64, layers=2, heads=4, web=4000, steps=800, batch=32, lr=3e-3,
                   carry_drop=0.5, judge_accuracy=0.85, qa_share=1.0)
 
 
@@ -212,10 +240,10 @@ def pretrain(path, config, seed=0, log=log):
     torch.set_num_threads(1)  # a tiny model: one thread beats two on a busy 2-core machine
     start = time.time()
     rng = random.Random(seed)
-    docs = web_documents(rng, config["web"], config["carry_drop"], config["judge_accuracy"],
-                         config.get("qa_share", 0.6))
-    tokenizer = build_tokenizer([question(a, b, k) + " " + reply(a, b, a + b, style)
-                                 for a, b in PROBLEMS for k in range(4) for style in range(6)])
+    docs = web_documents(rng, config["web"], config)
+    tokenizer = build_tokenizer([question(p, k) + " " + reply(p, sum(p), style)
+                                 for p in all_problems(config["terms"]) for k in range(4)
+                                 for style in range(6)])
     sequences = [prompts.token_ids(tokenizer, prompts.chat_prompt(tokenizer, p) + r
                                    + tokenizer.eos_token) for p, r in docs]  # as the scripts read
     model_config = LlamaConfig(
@@ -273,26 +301,41 @@ def read_jsonl(path):
         return [json.loads(line) for line in f if line.strip()]
 
 
-def write_data(data_dir, sft=100, judge=200, prompts_per_iteration=150, iterations=3, seed=0):
-    """sft.jsonl (clean replies), judge.jsonl (a right reply over a wrong one), prompts.jsonl (the
-    training problems, unlabeled) and eval.jsonl (the 27 held-out problems x 4 phrasings)."""
+def write_data(data_dir, terms=2, label_accuracy=1.0, sft=100, judge=200,
+               prompts_per_iteration=150, iterations=3, seed=0):
+    """sft.jsonl (replies right with probability label_accuracy), judge.jsonl (a right reply over a
+    wrong one, swapped with probability 1 - label_accuracy), prompts.jsonl (the training problems,
+    unlabeled) and eval.jsonl (the held-out problems: 2 terms, each in the 4 phrasings; 3 terms,
+    each once, the phrasings in turn)."""
     rng = random.Random(seed)
     data_dir = Path(data_dir)
+    train, test = split(terms)
 
     def some(count):
-        return [(*rng.choice(TRAIN), rng.randrange(4)) for _ in range(count)]
-    write_jsonl(data_dir / "sft.jsonl", [
-        {"prompt": prompt_text(a, b, k), "response": reply(a, b, a + b, rng.randrange(6))}
-        for a, b, k in some(sft)])
-    write_jsonl(data_dir / "judge.jsonl", [
-        {"prompt": prompt_text(a, b, k), "chosen": reply(a, b, a + b, rng.randrange(6)),
-         "rejected": reply(a, b, wrong_sum(a, b, rng), rng.randrange(6))}
-        for a, b, k in some(judge)])
+        return [(rng.choice(train), rng.randrange(4)) for _ in range(count)]
+
+    def mislabelled():
+        """True with probability 1 - label_accuracy; clean seed data draw nothing."""
+        return label_accuracy < 1 and rng.random() > label_accuracy
+
+    def sft_row(problem, phrasing):
+        s = wrong_sum(problem, rng) if mislabelled() else sum(problem)
+        return {"prompt": prompt_text(problem, phrasing), "response": reply(problem, s,
+                                                                            rng.randrange(6))}
+
+    def judge_row(problem, phrasing):
+        right = reply(problem, sum(problem), rng.randrange(6))
+        wrong = reply(problem, wrong_sum(problem, rng), rng.randrange(6))
+        chosen, rejected = (wrong, right) if mislabelled() else (right, wrong)
+        return {"prompt": prompt_text(problem, phrasing), "chosen": chosen, "rejected": rejected}
+    write_jsonl(data_dir / "sft.jsonl", [sft_row(p, k) for p, k in some(sft)])
+    write_jsonl(data_dir / "judge.jsonl", [judge_row(p, k) for p, k in some(judge)])
     write_jsonl(data_dir / "prompts.jsonl", [
-        {"prompt": prompt_text(a, b, k)} for a, b, k in some(prompts_per_iteration * iterations)])
+        {"prompt": prompt_text(p, k)} for p, k in some(prompts_per_iteration * iterations)])
+    asked = [(p, k) for p in test for k in range(4)] if terms == 2 else [
+        (p, j % 4) for j, p in enumerate(test)]
     write_jsonl(data_dir / "eval.jsonl", [
-        {"task": "addition", "prompt": question(a, b, k), "answer": str(a + b)}
-        for a, b in TEST for k in range(4)])
+        {"task": "addition", "prompt": question(p, k), "answer": str(sum(p))} for p, k in asked])
     return data_dir
 
 
@@ -308,6 +351,15 @@ SHARED = dict(iterations=3, num_prompts=150, max_new_tokens=16, max_length=80, s
 SCRIPTS = {"cream": dict(SHARED), "scir": dict(SHARED, judge_pairs=50)}
 METHODS = [("cream", "cream"), ("cream", "srlm"), ("cream", "oracle"),
            ("scir", "scir"), ("scir", "srlm"), ("scir", "irm"), ("scir", "oracle")]
+# cream.py --t1_consistency, beyond the paper: what line 14 does at t = 1 (README: departures);
+# the second world runs each as a method of its own
+T1_CHOICES = ("mean_logp", "one", "floor")
+
+
+def world_methods(world):
+    """The (script, method) pairs a world runs: the 7, and in the second world CREAM's t = 1
+    variants as cream-t1-<choice>."""
+    return METHODS + ([("cream", f"cream-t1-{c}") for c in T1_CHOICES] if world == 2 else [])
 QUICK = dict(num_prompts=60)  # --quick
 
 
@@ -316,6 +368,8 @@ def run_command(script, method, seed, base, data_dir, out, quick):
     flags = dict(SCRIPTS[script], **(QUICK if quick else {}))
     flags.update(model=base, data_dir=data_dir, output_dir=out, seed=seed,
                  method=("srlm" if script == "cream" else "irm") if method == "oracle" else method)
+    if method.startswith("cream-t1-"):
+        flags.update(method="cream", t1_consistency=method.removeprefix("cream-t1-"))
     argv = [item for name, value in flags.items() for item in (f"--{name}", str(value))]
     argv.append("--evaluate")
     if script == "scir":  # scir.py samples its evaluation as SCIR says; the world compares greedily
@@ -329,8 +383,8 @@ def truth_of_samples(samples_rows):
     """1.0 for each right sample, 0.0 for each wrong one, in sample order (flat)."""
     rewards = []
     for row in samples_rows:
-        a, b = problem_of(row["prompt"])
-        rewards += [float(is_right(s["response"], a, b)) for s in row["samples"]]
+        problem = problem_of(row["prompt"])
+        rewards += [float(is_right(s["response"], problem)) for s in row["samples"]]
     return rewards
 
 
@@ -386,9 +440,9 @@ def label_accuracy(pairs):
     chosen is the right one -> (accuracy or None, how many such pairs)."""
     hits = []
     for prompt, chosen, rejected in pairs:
-        a, b = problem_of(prompt)
-        if is_right(chosen, a, b) != is_right(rejected, a, b):
-            hits.append(is_right(chosen, a, b))
+        problem = problem_of(prompt)
+        if is_right(chosen, problem) != is_right(rejected, problem):
+            hits.append(is_right(chosen, problem))
     return (sum(hits) / len(hits) if hits else None), len(hits)
 
 
@@ -496,14 +550,15 @@ NAMES = {("cream", "cream"): "CREAM", ("cream", "srlm"): "SRLM (C = 1)",
          ("cream", "oracle"): "oracle labels", ("scir", "scir"): "SCIR",
          ("scir", "srlm"): "SRLM (Table 6 judge)", ("scir", "irm"): "IRM",
          ("scir", "oracle"): "oracle labels"}
+NAMES.update({("cream", f"cream-t1-{c}"): f"CREAM, --t1_consistency {c}" for c in T1_CHOICES})
 
 
-def markdown(summary, seeds, base):
+def markdown(summary, seeds, base, questions):
     """The results as markdown tables: mean ± std over seeds, in percent unless said."""
     lines = [f"Mean ± std over {len(seeds)} seeds ({', '.join(map(str, seeds))}), in percent. "
              f"Base model before SFT: greedy {cell(base)} on the held-out questions.", ""]
     iterations = range(1, SHARED["iterations"] + 1)
-    lines += ["Greedy accuracy on the 108 held-out questions (27 problems x 4 phrasings):", "",
+    lines += [f"Greedy accuracy on the {questions}:", "",
               "| script | method | after SFT | " + " | ".join(f"iteration {i}" for i in iterations)
               + " |", "|---|---|---|" + "---|" * len(iterations)]
     for (script, method), figures in summary.items():
@@ -552,32 +607,56 @@ def markdown(summary, seeds, base):
 
 
 # --- One command: the world, the runs (two at a time), the tables ---
-def run_all(out, seeds, jobs, quick):
-    """Build the base and the data, run every (script, method, seed) not finished yet, jobs at a
-    time, each on one thread; a run's output goes to <out>/logs/. -> ({(script, method): {seed:
-    run folder}}, seconds or None if nothing ran, the names of the runs that failed)."""
-    out = Path(out)
+def worlds(out, world, levels):
+    """The worlds a command builds -> [(judge accuracy, folder, base config, seed-data label
+    accuracy)]: the first world in --out itself; the second, one folder a level."""
+    if world == 1:
+        return [(BASE["judge_accuracy"], Path(out), BASE, 1.0)]
+    return [(q, Path(out) / f"judge-{q:g}", dict(SECOND, judge_accuracy=q), q) for q in levels]
+
+
+def pretrain_all(bases, jobs):
+    """pretrain(path, config) for each (path, config) not built yet, jobs at a time (each one
+    thread, 1-2 minutes)."""
+    missing = [(path, config) for path, config in bases if not (path / "config.json").exists()]
+    if len(missing) < 2 or jobs < 2:
+        for path, config in missing:
+            pretrain(path, config, log=log)
+        return
+    with concurrent.futures.ProcessPoolExecutor(min(jobs, len(missing))) as pool:
+        for done in pool.map(pretrain, *zip(*missing)):
+            log(f"base model: {done}")
+
+
+def run_all(out, seeds, jobs, quick, world=1, levels=LEVELS):
+    """Build each world's base and data, run every (script, method, seed) not finished yet, jobs
+    at a time, each on one thread; a run's output goes to <world>/logs/. -> ({world folder:
+    {(script, method): {seed: run folder}}}, seconds or None if nothing ran, the names of the
+    runs that failed)."""
     start = time.time()
-    base = pretrain(out / "base", BASE, log=log)
-    log(f"base model: {base} ({time.time() - start:.0f} s)")
-    data_dir = write_data(out / "data", prompts_per_iteration=(QUICK if quick else SHARED)[
-        "num_prompts"])
-    (out / "logs").mkdir(exist_ok=True)
+    built = worlds(out, world, levels)
+    pretrain_all([(folder / "base", config) for _, folder, config, _ in built], jobs)
+    log(f"base models ready ({time.time() - start:.0f} s)")
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     queue, folders = [], {}
-    for seed in seeds:
-        for script, method in METHODS:
-            folder = out / "runs" / f"{script}-{method}-{seed}"
-            folders.setdefault((script, method), {})[seed] = folder
-            if not (folder / "table.md").exists():
-                queue.append((script, method, seed, folder))
+    for _, folder, config, label_accuracy in built:
+        data_dir = write_data(folder / "data", config["terms"], label_accuracy,
+                              prompts_per_iteration=(QUICK if quick else SHARED)["num_prompts"])
+        (folder / "logs").mkdir(exist_ok=True)
+        runs = folders.setdefault(folder, {})
+        for seed in seeds:
+            for script, method in world_methods(world):
+                run = folder / "runs" / f"{script}-{method}-{seed}"
+                runs.setdefault((script, method), {})[seed] = run
+                if not (run / "table.md").exists():
+                    queue.append((script, method, seed, run, folder, data_dir))
     running, failed, ran = [], [], bool(queue)
     while queue or running:
         while queue and len(running) < jobs:
-            script, method, seed, folder = queue.pop(0)
-            name = f"{script}-{method}-{seed}"
-            logfile = open(out / "logs" / f"{name}.log", "w")
-            command = run_command(script, method, seed, base, data_dir, folder, quick)
+            script, method, seed, run, folder, data_dir = queue.pop(0)
+            name = f"{script}-{method}-{seed}" + ("" if world == 1 else f" ({folder.name})")
+            logfile = open(folder / "logs" / f"{script}-{method}-{seed}.log", "w")
+            command = run_command(script, method, seed, folder / "base", data_dir, run, quick)
             running.append((name, subprocess.Popen(command, stdout=logfile,
                                                    stderr=subprocess.STDOUT, env=env,
                                                    cwd=ROOT), time.time()))
@@ -592,12 +671,13 @@ def run_all(out, seeds, jobs, quick):
                 log(f"{name}: {status} in {time.time() - began:.0f} s "
                     f"({time.time() - start:.0f} s in all)")
     if failed:
-        log(f"failed runs (see {out / 'logs'}): {', '.join(failed)}")
+        log(f"failed runs (see the logs folders): {', '.join(failed)}")
     return folders, (time.time() - start) if ran else None, failed
 
 
 COMPARISONS = [(("scir", "scir"), ("scir", "irm")), (("scir", "scir"), ("scir", "srlm")),
-               (("cream", "cream"), ("cream", "srlm"))]
+               (("cream", "cream"), ("cream", "srlm"))] + [
+    (("cream", f"cream-t1-{c}"), ("cream", "srlm")) for c in T1_CHOICES]
 
 
 def paired(results):
@@ -622,7 +702,7 @@ def paired(results):
     return "\n".join(lines) + "\n"
 
 
-def report(out, folders, seconds=None):
+def report(out, folders, seconds=None, title=""):
     """The figures of every finished run, their means and spreads -> markdown; also results.json
     (every run's figures) and results.md, and accuracy.png when matplotlib is importable. The
     seeds named are those with a finished run; the runs asked for but not finished are listed."""
@@ -632,19 +712,166 @@ def report(out, folders, seconds=None):
     seeds = sorted({seed for runs in results.values() for seed in runs})
     summary = summarise(results)
     base = mean_std([f.get("base_greedy") for runs in results.values() for f in runs.values()])
-    text = markdown(summary, seeds, base) + "\n" + paired(results)
+    eval_file = out / "data" / "eval.jsonl"
+    n = len(read_jsonl(eval_file)) if eval_file.exists() else 108
+    questions = ("108 held-out questions (27 problems x 4 phrasings)" if n == 108 else
+                 f"{n} held-out questions (as many problems, each asked once)")
+    text = markdown(summary, seeds, base, questions) + "\n" + paired(results)
     missing = [f"{s}-{m}-{seed}" for (s, m), runs in folders.items() for seed in runs
                if seed not in results.get((s, m), {})]
     if missing:
         text += f"\nNot finished, so not in the tables: {', '.join(missing)}.\n"
     if seconds is not None:
         text += f"\nMeasured: {seconds / 60:.1f} minutes for the command that ran the runs.\n"
-    (out / "results.md").write_text(text)
+    (out / "results.md").write_text(title + text)
     (out / "results.json").write_text(json.dumps(
         {"seeds": seeds, "runs": {f"{s}-{m}": runs for (s, m), runs in results.items()},
          "summary": {f"{s}-{m}": v for (s, m), v in summary.items()}}, indent=1))
     plot(out / "accuracy.png", summary)
     return text
+
+
+# --- The sweep: every method at each level of the second world ---
+BASELINES = {"cream": ("cream", "srlm"), "scir": ("scir", "srlm")}  # each script's SRLM
+
+
+def paired_final(results, a, b):
+    """Greedy accuracy after the last iteration, A minus B, same seed -> ([differences], above,
+    below)."""
+    last = SHARED["iterations"]
+    seeds = sorted(set(results.get(a, {})) & set(results.get(b, {})))
+    diffs = [results[a][s]["greedy"][last] - results[b][s]["greedy"][last] for s in seeds
+             if None not in (results[a][s]["greedy"][last], results[b][s]["greedy"][last])]
+    return diffs, sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
+
+
+def crossings(levels, means):
+    """Where a mean difference changes sign between neighbouring levels -> text, or None."""
+    found = [f"between {lo:g} and {hi:g}" for (lo, m), (hi, n) in zip(
+        zip(levels, means), zip(levels[1:], means[1:])) if None not in (m, n) and m * n < 0]
+    return ", ".join(found) or None
+
+
+def per_iteration(summary, key, field, percent=True):
+    """'a / b / c': the mean of one figure at iterations 1..3 (mean over seeds), '-' if absent."""
+    stats = summary.get(key, {}).get(field, [])
+    values = [stats[i][0] if i < len(stats) else None for i in range(SHARED["iterations"])]
+    return " / ".join("-" if v is None else (f"{100 * v:.0f}" if percent else f"{v:.2f}")
+                      for v in values)
+
+
+def sweep_report(out, results, seconds=None):
+    """The second world across its levels -> markdown; also <out>/sweep.md, sweep.json and
+    sweep.png. results: {level: {(script, method): {seed: figures}}}."""
+    levels = sorted(results)
+    last = SHARED["iterations"]
+    summaries = {q: summarise(results[q]) for q in levels}
+    keys = [k for k in world_methods(2) if any(k in results[q] for q in levels)]
+    head = "| script | method | " + " | ".join(f"judge {q:g}" for q in levels) + " |"
+    rule = "|---|---|" + "---|" * len(levels)
+
+    def row(key, cells):
+        return f"| {key[0]}.py | {NAMES[key]} | " + " | ".join(cells) + " |"
+    lines = [f"Sweep over the judge accuracy (second world; the web's verdicts and the seed "
+             f"data's labels right with that probability), mean ± std over the seeds, in "
+             f"percent.", "", f"Greedy accuracy on the held-out questions after iteration "
+             f"{last} (after SFT: the first row of each script):", "", head, rule]
+    for script in ("cream", "scir"):
+        oracle = (script, "oracle")
+        lines.append(f"| {script}.py | after SFT | " + " | ".join(
+            cell(summaries[q][oracle]["greedy"][0]) if oracle in summaries[q] else "-"
+            for q in levels) + " |")
+        lines += [row(k, [cell(summaries[q][k]["greedy"][last]) if k in summaries[q] else "-"
+                          for q in levels]) for k in keys if k[0] == script]
+    lines += ["", "Self-label accuracy at iterations 1 / 2 / 3 (of the trained pairs whose sides "
+              "differ in correctness, the share with the right one chosen; SCIR: the pairs its "
+              "IRM and GRM agree on):", "", head, rule]
+    lines += [row(k, [per_iteration(summaries[q], k, "label_accuracy") for q in levels])
+              for k in keys if k[1] != "oracle"]
+    lines += ["", "CREAM's consistency at iterations 1 / 2 / 3: C measured (Eq. 3.10), then the "
+              "C that line 14 used:", "", head, rule]
+    for k in keys:
+        if k[0] == "cream" and k[1].startswith("cream"):
+            lines.append(row(k, [per_iteration(summaries[q], k, "C", False) + " (used "
+                                 + per_iteration(summaries[q], k, "C_used", False) + ")"
+                                 for q in levels]))
+    scir = ("scir", "scir")
+    lines += ["", "SCIR at iterations 1 / 2 / 3: IRM-GRM agreement (all pairs), and the accuracy "
+              "of the agreed pairs:", "", head, rule,
+              "| scir.py | IRM-GRM agreement | " + " | ".join(
+                  per_iteration(summaries[q], scir, "agreement") for q in levels) + " |",
+              "| scir.py | accuracy of the agreed pairs | " + " | ".join(
+                  per_iteration(summaries[q], scir, "agreed_accuracy") for q in levels) + " |"]
+    lines += ["", f"Paired by seed, after iteration {last}: greedy accuracy of the method minus "
+              f"its script's SRLM, and minus its script's oracle, in points (seeds above / "
+              f"below):", "", head, rule]
+    crossing_lines, figures = [], {}
+    for k in keys:
+        if k[1] == "oracle":
+            continue
+        for other, label in ((BASELINES[k[0]], "SRLM"), ((k[0], "oracle"), "oracle")):
+            if other == k:
+                continue
+            cells, means = [], []
+            for q in levels:
+                diffs, above, below = paired_final(results[q], k, other)
+                stat = mean_std(diffs)
+                means.append(stat[0])
+                cells.append("-" if stat[0] is None else
+                             f"{cell(stat)} ({above} / {below})")
+            lines.append(f"| {k[0]}.py | {NAMES[k]} - {label} | " + " | ".join(cells) + " |")
+            figures[f"{k[0]}-{k[1]} - {label}"] = means
+            crossed = crossings(levels, means)
+            if label == "SRLM":
+                crossing_lines.append(f"- {k[0]}.py {NAMES[k]} against SRLM: "
+                                      + (f"the sign changes {crossed}" if crossed else
+                                         "no crossing"))
+    lines += ["", "Crossing points (the mean paired difference changes sign between levels):",
+              *crossing_lines]
+    if seconds is not None:
+        lines += ["", f"Measured: {seconds / 60:.1f} minutes for the command that ran the runs."]
+    text = "\n".join(lines) + "\n"
+    out = Path(out)
+    (out / "sweep.md").write_text(text)
+    (out / "sweep.json").write_text(json.dumps(
+        {"levels": levels, "paired_means": figures,
+         "summary": {f"{q:g}": {f"{s}-{m}": v for (s, m), v in summaries[q].items()}
+                     for q in levels}}, indent=1))
+    plot_sweep(out / "sweep.png", levels, summaries, keys)
+    return text
+
+
+def plot_sweep(path, levels, summaries, keys):
+    """Final greedy accuracy against the judge accuracy, a line per method, the oracle dashed as
+    the ceiling, if matplotlib is there."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    last = SHARED["iterations"]
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    for axis, script in zip(axes, ("cream", "scir")):
+        for key in [k for k in keys if k[0] == script]:
+            points = [(q, *summaries[q][key]["greedy"][last][:2]) for q in levels
+                      if key in summaries[q] and summaries[q][key]["greedy"][last][0] is not None]
+            style = dict(color="black", linestyle="--") if key[1] == "oracle" else {}
+            axis.errorbar([q for q, _, _ in points], [100 * m for _, m, _ in points],
+                          [100 * s for _, _, s in points], label=NAMES[key], capsize=3,
+                          marker="o", **style)
+        oracle = (script, "oracle")
+        sft = [(q, summaries[q][oracle]["greedy"][0][0]) for q in levels if oracle in summaries[q]
+               and summaries[q][oracle]["greedy"][0][0] is not None]
+        axis.plot([q for q, _ in sft], [100 * m for _, m in sft], color="grey", linestyle=":",
+                  label="after SFT")
+        axis.set_xticks(levels)
+        axis.set_xlabel("judge accuracy (web verdicts and seed labels)")
+        axis.set_title(f"{script}.py, after iteration {last}")
+        axis.set_ylabel("greedy accuracy, held-out (%)")
+        axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
 
 
 def plot(path, summary):
@@ -699,6 +926,13 @@ def parse_args(argv=None):
     parser.add_argument("--quick", action="store_true", help=(
         "1 seed unless --seeds, 60 prompts an iteration: a check of the pipeline"))
     parser.add_argument("--report_only", action="store_true", help="tables of the finished runs")
+    parser.add_argument("--world", type=int, choices=(1, 2), default=1, help=(
+        "1: two digits, clean seed data (the first results); 2: three digits, every label right "
+        "with probability --judge_accuracy"))
+    parser.add_argument("--judge_accuracy", type=float, nargs="+", default=None, metavar="Q",
+                        help="--world 2: the levels, each a world of its own (default 0.85)")
+    parser.add_argument("--sweep", action="store_true", help=(
+        f"--world 2 at every level ({' '.join(map(str, LEVELS))}), then the sweep's tables"))
     args = parser.parse_args(argv)
     # None, not a list, as the default: --seeds given in any spelling (--seeds 3, --seeds=3) is kept
     if args.seeds is None:
@@ -712,7 +946,18 @@ def parse_args(argv=None):
         fail(f"--jobs must be at least 1, got {args.jobs}")
     if args.out is not None and not args.out.strip():
         fail("--out must name a folder, got ''")
-    args.out = args.out or ("runs/toy_world-quick" if args.quick else "runs/toy_world")
+    if args.world == 1 and (args.sweep or args.judge_accuracy):
+        fail("--judge_accuracy and --sweep are settings of --world 2")
+    if args.sweep and args.judge_accuracy:
+        fail("--sweep runs its own levels: give --sweep or --judge_accuracy, not both")
+    args.levels = list(LEVELS) if args.sweep else args.judge_accuracy or [SECOND["judge_accuracy"]]
+    for q in args.levels:
+        if not 0.5 < q <= 1:  # at 0.5 or below the labels carry no signal, or the reverse one
+            fail(f"--judge_accuracy must be in (0.5, 1], got {q:g}")
+    if len(set(args.levels)) < len(args.levels):
+        fail(f"--judge_accuracy repeats a level: {' '.join(map(str, args.levels))}")
+    name = "runs/toy_world" + ("" if args.world == 1 else "-2") + ("-quick" if args.quick else "")
+    args.out = args.out or name
     check_out(Path(args.out), args.report_only)
     return args
 
@@ -752,26 +997,44 @@ def stored_seconds(out):
 
 def main(argv=None):
     args = parse_args(argv)
+    built = worlds(args.out, args.world, args.levels)
     if args.report_only:
-        folders = {key: {seed: Path(args.out) / "runs" / f"{key[0]}-{key[1]}-{seed}"
-                         for seed in args.seeds} for key in METHODS}
-        if not finished_runs(folders):  # an empty table would replace the results there
+        folders = {folder: {key: {seed: folder / "runs" / f"{key[0]}-{key[1]}-{seed}"
+                                  for seed in args.seeds} for key in world_methods(args.world)}
+                   for _, folder, _, _ in built}
+        if not any(finished_runs(f) for f in folders.values()):  # would replace the results
             fail(f"--out {args.out} holds no finished run of --seeds "
                  f"{' '.join(map(str, args.seeds))}: nothing to report")
-        print(report(args.out, folders, stored_seconds(args.out)))
+        print(reports(args, built, folders, stored_seconds(args.out)))
         return
-    folders, seconds, failed = run_all(args.out, args.seeds, args.jobs, args.quick)
+    folders, seconds, failed = run_all(args.out, args.seeds, args.jobs, args.quick, args.world,
+                                       args.levels)
     if failed:  # the results files stay those of the last complete command
-        count = sum(len(runs) for runs in folders.values())
-        fail(f"{len(failed)} of {count} runs failed (see {Path(args.out) / 'logs'}): results.md "
-             f"and results.json are left as they were; rerun the same command to retry them "
-             f"(--report_only writes the tables of the finished runs)")
+        count = sum(len(runs) for world in folders.values() for runs in world.values())
+        fail(f"{len(failed)} of {count} runs failed (see the logs folders in {args.out}): "
+             f"results.md and results.json are left as they were; rerun the same command to "
+             f"retry them (--report_only writes the tables of the finished runs)")
     if seconds is None:  # every run had finished before: the time of the command that ran them
         seconds = stored_seconds(args.out)
     else:  # the time of the command that ran the runs (and built the world)
         (Path(args.out) / "seconds.txt").write_text(f"{seconds:.0f}\n")
-    print(report(args.out, folders, seconds))
+    print(reports(args, built, folders, seconds))
     print(f"runs, logs, results.md and results.json are in {args.out}")
+
+
+def reports(args, built, folders, seconds):
+    """Each world's results.md; with several levels, the sweep's tables too -> markdown."""
+    texts, results = [], {}
+    for q, folder, _, _ in built:
+        if finished_runs(folders[folder]):
+            title = "" if args.world == 1 else f"Second world, judge accuracy {q:g}.\n\n"
+            texts.append(title + report(folder, folders[folder], seconds if len(built) == 1
+                                        else None, title))
+            results[q] = {key: {seed: analyse_run(*key, run) for seed, run in runs.items()}
+                          for key, runs in finished_runs(folders[folder]).items()}
+    if len(built) > 1:
+        texts.append(sweep_report(args.out, results, seconds))
+    return "\n".join(texts)
 
 
 if __name__ == "__main__":
