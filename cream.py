@@ -80,6 +80,8 @@ class Args:
         "C from kendall (Eq. 3.10), spearman or toporder (Table 4; chance gives C = 0.5)"))
     consistency_scope: str = flag("dataset", "{dataset,pair}", (
         "dataset: one C (line 11); pair: each pair's own (tau + 1) / 2 (official code's 'dyn')"))
+    t1_consistency: str = flag("algorithm1", "{algorithm1,mean_logp,one,floor}", (
+        "t = 1, beyond the paper: r' per token (mean_logp), C = 1 (one), C >= 0.5 (floor)"))
     # Analyses and evaluation
     evaluate: bool = flag(False, None, "exact match of M0..M_T+1 on five tasks (Table 1)")
     eval_limit: int = flag(None, "[1,inf)", "score only the first N questions of each task")
@@ -175,6 +177,7 @@ def main(argv=None):
             ranking, unusable = ranking_rewards(args, tokenizer, samples, reward_rows, t, out)
             consistency, scope = training_consistency(args, reward_rows)  # line 11
             expected = build_pairs(samples, ranking, consistency, scope)  # lines 12-13
+            consistency, expected = t1_override(args, t, consistency, expected)  # beyond the paper
             pairs = cached(it / "pairs.jsonl", expected, ("id", "chosen", "rejected"),
                            lambda: expected)
             check_pairs(t, pairs, scope, unusable)
@@ -222,7 +225,7 @@ def run_sampling(args, tokenizer, pool, t, out):
 
 def score_samples(args, tokenizer, samples, t, out):
     """log pi(y|x) of each sample under pi_t, pi_{t-1} (None at t = 1) and pi_0 for lines 6 and 8,
-    one model at a time, kept in iter<t>/logps_*.jsonl -> [P, N] float64 each."""
+    one model at a time, kept in iter<t>/logps_*.jsonl -> [P, N] float64 each, and t1_lengths."""
     sequences = []
     for row in samples:
         prompt_ids = encode(tokenizer, row["prompt"])
@@ -234,13 +237,14 @@ def score_samples(args, tokenizer, samples, t, out):
         values = cached_logps(out / f"iter{t}" / f"logps_{name}.jsonl", path, sequences,
                               tokenizer, args)
         logps[name] = torch.tensor(values, dtype=torch.float64).view(len(samples), -1)
-    return logps["t"], logps["prev"], logps["0"]
+    return logps["t"], logps["prev"], logps["0"], t1_lengths(args, t, sequences, len(samples))
 
 
-def rewards_and_consistency(samples_rows, logps_t, logps_prev, logps_0):
+def rewards_and_consistency(samples_rows, logps_t, logps_prev, logps_0, lengths=None):
     """Lines 6-10 -> rows of rewards.jsonl: per prompt r and r' (Eq. 3.9), log pi_t (the DPO
     reference) and the agreement of the two rankings: tau (Eq. 3.10), Spearman and TopOrder."""
     r, r_prev = dpo_rewards(logps_t, logps_prev, logps_0)
+    r_prev = r_prev if lengths is None else r_prev / lengths  # --t1_consistency mean_logp
     rows = []
     for row, x, y, ref in zip(samples_rows, r.tolist(), r_prev.tolist(), logps_t.tolist()):
         rows.append({"id": row["id"], "r": x, "r_prev": y, "logps_t": ref, "tau": kendall_tau(x, y),
@@ -505,6 +509,29 @@ def measured_consistency(reward_rows, measure):
     return consistency_rate([row[key] for row in reward_rows])
 
 
+# --- Beyond Algorithm 1 at t = 1, --t1_consistency: no M_{t-1} there, so r' is log pi_0 itself ---
+def t1_lengths(args, t, sequences, num_prompts):
+    """With mean_logp at t = 1 the response tokens that score_samples scored, [P, N] float64, so
+    that r' is M0's mean log-likelihood a token (the official code's reading: a summed one
+    ranks mostly by length); else None, and r' is Algorithm 1's."""
+    if t > 1 or args.t1_consistency != "mean_logp":
+        return None
+    return torch.tensor([len(response) for _, response in sequences],
+                        dtype=torch.float64).view(num_prompts, -1)
+
+
+def t1_override(args, t, consistency, pairs):
+    """At t = 1, one: C = 1 (no earlier reward to check the labels against: plain DPO); floor:
+    C, or with --consistency_scope pair each pair's own, at least 0.5, where Theorem 3.3's
+    regulariser pulls toward a tie instead of reversing the pair -> (the C used, pairs)."""
+    if t > 1 or args.t1_consistency not in ("one", "floor"):
+        return consistency, pairs
+    if args.t1_consistency == "one":
+        return 1.0, [dict(pair, consistency=1.0) for pair in pairs]
+    floored = [dict(pair, consistency=max(pair["consistency"], 0.5)) for pair in pairs]
+    return (max(consistency, 0.5) if args.consistency_scope == "dataset" else consistency), floored
+
+
 # --- P-SRLM's reward: a judge's scores in place of Eq. 3.9 (Table 6) ---
 def judge_samples(model, tokenizer, samples_rows, args):
     """A sampled judgement of each response (pointwise_prompt) and its score, per prompt."""
@@ -564,6 +591,11 @@ def evaluate_models(args, tokenizer, tests, out):
 
 
 # --- The final table: Table 1's exact match and Table 2's consistency, a row per model ---
+T1_NOTES = {  # what row M1 measures and uses, by --t1_consistency
+    "algorithm1": "against log pi_0 itself (Algorithm 1, t = 1)",
+    "mean_logp": "against M0's mean log-likelihood a token (--t1_consistency mean_logp)",
+    "one": "against log pi_0 itself, and C used is 1 (--t1_consistency one)",
+    "floor": "against log pi_0 itself, and C used is at least 0.5 (--t1_consistency floor)"}
 METHOD_NAMES = {"cream": "CREAM", "srlm": "SRLM", "p-srlm": "P-SRLM"}
 TASK_NAMES = {"arc_easy": "ARC-Easy", "arc_challenge": "ARC-Challenge", "openbookqa": "OpenBookQA",
               "siqa": "SIQA", "gsm8k": "GSM8K"}
@@ -603,15 +635,18 @@ def final_table(args, metrics, evaluation):
             cells += ["-"] * 7
         else:  # the measured C = mean (tau + 1) / 2, then the C training used
             cells.append(f"{(row['kendall'] + 1) / 2:.2f} ± {row['kendall_std'] / 2:.2f}")
-            cells.append("per pair" if per_pair else f"{row['consistency']:.2f}")
+            every_pair_one = k == 1 and args.t1_consistency == "one"  # not in Algorithm 1
+            cells.append("per pair" if per_pair and not every_pair_one
+                         else f"{row['consistency']:.2f}")
             cells += [f"{row[key]:.2f} ± {row[key + '_std']:.2f}"
                       for key in ("kendall", "spearman", "top_order")]
             cells += [str(row["pairs"]), f"{row['response_length']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("\nC, tau, Spearman, TopOrder in row M_k: M_k's rankings of its samples against "
-                 "M_{k-1}'s (Table 2's 'M_k vs M_{k-1}'); in row M1 against log pi_0 itself "
-                 "(Algorithm 1, t = 1)." + (" Accuracy in percent: a task's column by the "
-                                            "flexible rule, then by the strict." if tasks else ""))
+                 "M_{k-1}'s (Table 2's 'M_k vs M_{k-1}'); in row M1 "
+                 f"{T1_NOTES[args.t1_consistency]}." + (" Accuracy in percent: a task's column by "
+                                                         "the flexible rule, then by the strict."
+                                                         if tasks else ""))
     return "\n".join(lines) + "\n"
 
 
@@ -1345,10 +1380,10 @@ def check_args(args):
     if args.consistency_scope == "pair" and args.consistency_measure != "kendall":
         fail("--consistency_scope pair takes each pair's (tau+1)/2: use it with "
              "--consistency_measure kendall")
-    if args.method != "cream" and (args.consistency_measure, args.consistency_scope) != (
-            "kendall", "dataset"):
-        fail(f"--method {args.method} trains with C = 1: --consistency_measure and "
-             f"--consistency_scope are CREAM's")
+    if args.method != "cream" and (args.consistency_measure, args.consistency_scope,
+                                   args.t1_consistency) != ("kendall", "dataset", "algorithm1"):
+        fail(f"--method {args.method} trains with C = 1: --consistency_measure, "
+             f"--consistency_scope and --t1_consistency are CREAM's")
     if args.sft_epochs == 0 and args.method != "p-srlm":
         fail(f"--sft_epochs 0 with --method {args.method}: M1 would be M0, so r = log pi_1 - "
              f"log pi_0 = 0 for every sample (Eq. 3.9), every prompt ties and iteration 1 has "
