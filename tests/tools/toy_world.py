@@ -1,23 +1,35 @@
 """A toy world with a known answer: watch both self-rewarding loops learn, or fail, on 2 CPU cores.
 
-    python tests/tools/toy_world.py          # base, 7 methods x 5 seeds, the tables (~18 min)
-    python tests/tools/toy_world.py --quick  # 1 seed, 60 prompts an iteration (2-4.5 min)
+    python tests/tools/toy_world.py                      # first world, 7 methods x 5 seeds (~8 min)
+    python tests/tools/toy_world.py --quick              # 1 seed, 60 prompts an iteration (~2 min)
+    python tests/tools/toy_world.py --world 2 --sweep    # 4 levels x 10 methods x 5 seeds
+    python tests/tools/toy_world.py --world 2 --judge_accuracy 0.7 --quick
     python tests/tools/toy_world.py --seeds 1 2 3 --out /tmp/toyworld --jobs 2
 
-The world: single-digit addition (a + b, a and b in 1..9), asked in 4 phrasings and answered in 6
-reply styles; a reply is right when its last number is a + b. 27 of the 81 problems are held out
-for the evaluation. A tiny Llama is pretrained from scratch on a "web" of such exchanges in which
-a carry is dropped 60% of the time (7 + 5 = 2), and of judgements in the papers' judge formats
-(SCIR Table 5 pairwise, Table 6 pointwise) that are right 85% of the time. Then cream.py (cream,
-srlm, and an oracle) and scir.py (scir, srlm, irm, and an oracle) run on it through their command
-line, unchanged, 3 iterations each, one run per seed. The oracle runs the script's own main() with
-the one ranking function replaced by the ground truth (1 for a right sample, 0 for a wrong one),
-so it samples, scores the reference and trains with the script's own code. From the runs'
-artefacts this script computes, per iteration: greedy and sample accuracy, the accuracy of the
-self-labels (of the trained pairs whose two sides differ in correctness, the share where chosen is
-the right one), CREAM's C, and SCIR's IRM-GRM agreement and the accuracy of the agreed pairs; mean
-± std over seeds, printed as markdown and written to <out>/results.md and results.json (and
-accuracy.png if matplotlib is installed). Every run resumes, so the same command continues.
+The first world: single-digit addition (a + b, a and b in 1..9), asked in 4 phrasings and answered
+in 6 reply styles; a reply is right when its last number is a + b. 27 of the 81 problems are held
+out for the evaluation. A tiny Llama is pretrained from scratch on a "web" of such exchanges in
+which a carry is dropped 60% of the time (7 + 5 = 2), and of judgements in the papers' judge
+formats (SCIR Table 5 pairwise, Table 6 pointwise) that are right 85% of the time. The seed data
+(SFT replies, judge pairs) are clean.
+
+The second world (--world 2) sums three digits (729 problems, 160 held out, each asked once), so
+that the oracle keeps gaining in iteration 3, and turns label quality into a knob: at
+--judge_accuracy q the web's verdicts, the SFT replies and the judge pairs are each right with
+probability q. Each level is a world of its own (its own base, data and runs, in
+<out>/judge-<q>); --sweep runs 0.6, 0.7, 0.85 and 0.95 and adds the sweep's tables and plot
+(sweep.md, sweep.json, sweep.png). It also runs cream.py's --t1_consistency choices as methods.
+
+Then cream.py (cream, srlm, and an oracle) and scir.py (scir, srlm, irm, and an oracle) run on it
+through their command line, unchanged, 3 iterations each, one run per seed. The oracle runs the
+script's own main() with the one ranking function replaced by the ground truth (1 for a right
+sample, 0 for a wrong one), so it samples, scores the reference and trains with the script's own
+code. From the runs' artefacts this script computes, per iteration: greedy and sample accuracy,
+the accuracy of the self-labels (of the trained pairs whose two sides differ in correctness, the
+share where chosen is the right one), CREAM's C, and SCIR's IRM-GRM agreement and the accuracy of
+the agreed pairs; mean ± std over seeds, printed as markdown and written to <world>/results.md
+and results.json (and accuracy.png if matplotlib is installed). Every run resumes, so the same
+command continues.
 """
 
 import argparse
