@@ -692,6 +692,14 @@ COMPARISONS = [(("scir", "scir"), ("scir", "irm")), (("scir", "scir"), ("scir", 
     (("cream", f"cream-t1-{c}"), ("cream", "srlm")) for c in T1_CHOICES]
 
 
+def paired_diffs(results, a, b, i):
+    """Greedy accuracy at stage i, A minus B, same seed -> ([differences], seeds above, below)."""
+    seeds = sorted(set(results.get(a, {})) & set(results.get(b, {})))
+    diffs = [results[a][s]["greedy"][i] - results[b][s]["greedy"][i] for s in seeds
+             if None not in (results[a][s]["greedy"][i], results[b][s]["greedy"][i])]
+    return diffs, sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
+
+
 def paired(results):
     """Does SCIR beat irm and srlm, and CREAM srlm? Greedy accuracy of the two runs with the same
     seed, per iteration -> markdown: mean ± std of the difference, and in how many seeds A > B."""
@@ -706,9 +714,7 @@ def paired(results):
             continue
         cells = []
         for i in iterations:
-            diffs = [results[a][s]["greedy"][i] - results[b][s]["greedy"][i] for s in seeds
-                     if None not in (results[a][s]["greedy"][i], results[b][s]["greedy"][i])]
-            above, below = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
+            diffs, above, below = paired_diffs(results, a, b, i)
             cells.append(f"{cell(mean_std(diffs))} ({above} / {below} of {len(diffs)})")
         lines.append(f"| {a[0]}.py {NAMES[a]} vs {NAMES[b]} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -745,16 +751,6 @@ def report(out, folders, seconds=None, title=""):
 
 # --- The sweep: every method at each level of the second world ---
 BASELINES = {"cream": ("cream", "srlm"), "scir": ("scir", "srlm")}  # each script's SRLM
-
-
-def paired_final(results, a, b):
-    """Greedy accuracy after the last iteration, A minus B, same seed -> ([differences], above,
-    below)."""
-    last = SHARED["iterations"]
-    seeds = sorted(set(results.get(a, {})) & set(results.get(b, {})))
-    diffs = [results[a][s]["greedy"][last] - results[b][s]["greedy"][last] for s in seeds
-             if None not in (results[a][s]["greedy"][last], results[b][s]["greedy"][last])]
-    return diffs, sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
 
 
 def crossings(levels, means):
@@ -826,7 +822,7 @@ def sweep_report(out, results, seconds=None):
                 continue
             cells, means = [], []
             for q in levels:
-                diffs, above, below = paired_final(results[q], k, other)
+                diffs, above, below = paired_diffs(results[q], k, other, last)
                 stat = mean_std(diffs)
                 means.append(stat[0])
                 cells.append("-" if stat[0] is None else
